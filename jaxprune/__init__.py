@@ -1,0 +1,20 @@
+"""jaxprune: pruning and sparse training for JAX, Flax and optax.
+
+Masks are pytrees alongside params; ``sparsify`` wraps any optax optimizer so
+that a jitted training step keeps the parameters sparse.
+"""
+from jaxprune.algorithms import REGISTRY, Algorithm, create, register
+from jaxprune.distributions import erk, uniform
+from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
+from jaxprune.paths import path_str
+from jaxprune.sparsify import SparseState, get_masks, get_sparse_state, sparsify
+from jaxprune.summary import Summary, summary
+from jaxprune.topk import keep_count, topk_mask, topk_masks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm", "REGISTRY", "SparseState", "Summary", "apply_masks", "check_masks", "create",
+    "erk", "get_masks", "get_sparse_state", "keep_count", "magnitude_masks", "path_str",
+    "random_masks", "register", "sparsify", "summary", "topk_mask", "topk_masks", "uniform",
+]

@@ -1,0 +1,33 @@
+"""Algorithm registry: ``jaxprune.create(name, **config)``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from jaxprune.algorithms.base import Algorithm
+from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
+from jaxprune.algorithms.random import dense, random, static
+
+REGISTRY: dict[str, Callable[..., Algorithm]] = {
+    "dense": dense,
+    "magnitude": magnitude,
+    "gradual_magnitude": gradual_magnitude,
+    "global_magnitude": global_magnitude,
+    "random": random,
+    "static": static,
+}
+
+
+def register(name: str, factory: Callable[..., Algorithm]) -> None:
+  """Adds an algorithm under ``name`` (``factory(**config) -> Algorithm``)."""
+  REGISTRY[name] = factory
+
+
+def create(name: str, **config) -> Algorithm:
+  """Builds the algorithm ``name`` from config keys (see DESIGN.md's contract).
+
+  Raises ValueError for an unknown name (listing the valid ones), unknown
+  config keys and out-of-range values, each naming the key.
+  """
+  if name not in REGISTRY:
+    raise ValueError(f"unknown algorithm {name!r}; valid names are: {', '.join(sorted(REGISTRY))}")
+  return REGISTRY[name](**config)

@@ -1,0 +1,94 @@
+"""The value every algorithm is: how to make the first masks, when and how to update them."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import distributions, topk
+from jaxprune.masks import dense_mask
+from jaxprune.paths import pruned_leaves
+
+
+class Algorithm(NamedTuple):
+  """A pruning or sparse-training algorithm (layer 2 of jaxprune).
+
+  Attributes:
+    name: registry name (``jaxprune.create(name, ...)``).
+    config: the validated config, defaults filled in.
+    init: ``params -> (masks, algo_state)``: masks before the first step.
+    is_update_step: ``step -> bool scalar``; jit-able with a traced step.
+    update: ``(step, params, grads, masks, algo_state) -> (masks, algo_state)``;
+      ``grads`` are the dense gradients given to ``tx.update``.
+    changes_masks: False when ``update`` is never called (dense, static).
+  """
+  name: str
+  config: Mapping[str, Any]
+  init: Callable
+  is_update_step: Callable
+  update: Callable
+  changes_masks: bool = True
+
+
+def never(step):
+  return jnp.zeros((), jnp.bool_)
+
+
+def no_update(step, params, grads, masks, state):
+  return masks, state
+
+
+def targets(cfg, params):
+  """``(pruned, sparsities)``: which leaves are pruned and their final sparsity."""
+  pruned = pruned_leaves(params, cfg["include"])
+  if cfg["sparsity_type"] != "unstructured":
+    from jaxprune import structured
+    pruned = structured.select_compatible(params, pruned, cfg)
+  sparsity = cfg["sparsity"] if cfg["sparsity"] is not None else 0.0
+  sparsities = distributions.resolve(cfg["distribution"], params, sparsity, _as_include(pruned))
+  sparsities = jax.tree.map(lambda s, sel: s if sel else 0.0, sparsities, pruned)
+  return pruned, sparsities
+
+
+def _as_include(pruned):
+  """An include predicate that selects exactly the leaves marked in ``pruned``."""
+  flat = jax.tree_util.tree_flatten_with_path(pruned)[0]
+  from jaxprune.paths import path_str
+  chosen = {path_str(p) for p, sel in flat if sel}
+  return lambda path, leaf: path in chosen
+
+
+def full_masks(params, pruned):
+  """All-True masks of full shape for pruned leaves, scalar True elsewhere."""
+  return jax.tree.map(lambda p, sel: jnp.ones(jnp.shape(p), jnp.bool_) if sel else dense_mask(),
+                      params, pruned)
+
+
+def select(cfg, scores, pruned, keep):
+  """Masks keeping ``keep`` entries (per leaf) of the highest ``scores``.
+
+  ``keep`` is a tree of per-leaf kept counts (ints or traced ints) for
+  unstructured sparsity; for a structured ``sparsity_type`` it is the tree of
+  per-leaf sparsities handed to :func:`jaxprune.structured.structured_mask`.
+  """
+  stype = cfg["sparsity_type"]
+  def leaf(s, sel, k):
+    if not sel:
+      return dense_mask()
+    if stype == "unstructured":
+      return topk.topk_mask(s, k)
+    from jaxprune import structured
+    return structured.structured_mask(s, k, stype)
+  return jax.tree.map(leaf, scores, pruned, keep)
+
+
+def step_key(cfg, step):
+  """Per-update randomness: ``fold_in(PRNGKey(seed), step)``."""
+  return jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), step)
+
+
+def random_scores(key, params):
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x))
+                                      for i, x in enumerate(leaves)])

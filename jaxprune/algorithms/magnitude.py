@@ -1,0 +1,122 @@
+"""Magnitude pruning: one-shot, gradual (Zhu & Gupta 2017) and global.
+
+Masks only shrink: an entry pruned once is never revived (its score is -inf).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import config as config_lib
+from jaxprune import schedules, topk
+from jaxprune.algorithms import base
+from jaxprune.masks import is_pruned_mask
+
+DEFAULTS = dict(distribution="uniform", update_every=100)
+
+
+def masked_magnitude(params, masks):
+  """``|w|`` where the mask is True, -inf where it is False."""
+  return jax.tree.map(lambda p, m: jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf)
+                      if is_pruned_mask(m) else jnp.abs(p), params, masks)
+
+
+def _init(cfg):
+  def init(params):
+    pruned, _ = base.targets(cfg, params)
+    return base.full_masks(params, pruned), ()
+  return init
+
+
+def magnitude(**config) -> base.Algorithm:
+  """One-shot magnitude pruning at ``start_step`` (Han et al. 2015, "Learning
+  both Weights and Connections"): each pruned leaf keeps its ``n - floor(s n)``
+  largest-magnitude entries, with ``s`` from ``distribution``."""
+  cfg = config_lib.validate("magnitude", config, DEFAULTS)
+  _require_sparsity("magnitude", cfg)
+
+  def update(step, params, grads, masks, state):
+    pruned, sparsities = base.targets(cfg, params)
+    keep = _final_keep(cfg, params, sparsities)
+    return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
+
+  return base.Algorithm("magnitude", cfg, _init(cfg), lambda step: step == cfg["start_step"], update)
+
+
+def gradual_magnitude(**config) -> base.Algorithm:
+  """Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
+
+  Every ``update_every`` steps from ``start_step`` to ``end_step`` (and at
+  ``end_step`` itself), each leaf is pruned to the cubic schedule
+  ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^3`` by magnitude. The final
+  sparsity is reached exactly at ``end_step`` and kept. Extra keys:
+  ``initial_sparsity`` (default 0.0), ``power`` (default 3).
+  """
+  cfg = config_lib.validate("gradual_magnitude", config, DEFAULTS,
+                            extra_keys=dict(initial_sparsity=0.0, power=3.0))
+  _require_sparsity("gradual_magnitude", cfg)
+  config_lib.require("gradual_magnitude", cfg, "end_step")
+  s_i = config_lib._fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
+  t0, t1 = cfg["start_step"], cfg["end_step"]
+
+  def update(step, params, grads, masks, state):
+    pruned, sparsities = base.targets(cfg, params)
+    frac = schedules.progress(step, t0, t1)
+    if cfg["sparsity_type"] == "unstructured":
+      keep = jax.tree.map(lambda p, s: schedules.polynomial_keep_count(
+          jnp.size(p), min(s_i, s), s, frac, cfg["power"]), params, sparsities)
+    else:
+      keep = jax.tree.map(lambda s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(step),
+                          sparsities)
+    return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
+
+  return base.Algorithm("gradual_magnitude", cfg, _init(cfg),
+                        schedules.periodic_updates(t0, t1, cfg["update_every"]), update)
+
+
+def global_magnitude(**config) -> base.Algorithm:
+  """Global magnitude pruning: one threshold across all pruned leaves.
+
+  Keeps the ``N - floor(s N)`` largest-magnitude entries among all ``N``
+  pruned entries (Frankle & Carbin 2019 prune globally for deep nets). One-shot
+  at ``start_step``; when ``end_step > start_step`` the total follows the
+  Zhu & Gupta cubic schedule instead, updated every ``update_every`` steps.
+  ``distribution`` does not apply.
+  """
+  cfg = config_lib.validate("global_magnitude", config, DEFAULTS)
+  _require_sparsity("global_magnitude", cfg)
+  if cfg["sparsity_type"] != "unstructured":
+    raise ValueError("global_magnitude: sparsity_type must be 'unstructured' "
+                     f"(one threshold across leaves), got {cfg['sparsity_type']!r}")
+  t0 = cfg["start_step"]
+  t1 = cfg["end_step"] if cfg["end_step"] is not None else t0
+  s = cfg["sparsity"]
+
+  def update(step, params, grads, masks, state):
+    pruned, _ = base.targets(cfg, params)
+    scores = masked_magnitude(params, masks)
+    leaves, treedef = jax.tree.flatten(scores)
+    sel = jax.tree.leaves(pruned)
+    chosen = [x for x, c in zip(leaves, sel) if c]
+    total = sum(math.prod(jnp.shape(x)) for x in chosen)
+    keep = schedules.polynomial_keep_count(total, 0.0, s, schedules.progress(step, t0, t1))
+    kept = iter(topk.topk_masks(chosen, keep))
+    old = jax.tree.leaves(masks)
+    return jax.tree.unflatten(treedef, [next(kept) if c else m for c, m in zip(sel, old)]), state
+
+  is_update = (schedules.periodic_updates(t0, t1, cfg["update_every"]) if t1 > t0
+               else (lambda step: step == t0))
+  return base.Algorithm("global_magnitude", cfg, _init(cfg), is_update, update)
+
+
+def _require_sparsity(name, cfg):
+  if cfg["sparsity"] is None and cfg["sparsity_type"] == "unstructured":
+    config_lib.require(name, cfg, "sparsity")
+
+
+def _final_keep(cfg, params, sparsities):
+  if cfg["sparsity_type"] != "unstructured":
+    return sparsities
+  return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)

@@ -1,0 +1,80 @@
+"""Validation of algorithm configs: every key named in its error."""
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Any, Mapping
+
+COMMON_KEYS = ("sparsity", "distribution", "include", "start_step", "end_step", "update_every",
+               "drop_fraction", "seed", "sparsity_type")
+
+
+def _int(name, value, minimum):
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def _fraction(name, value, lo, hi, hi_open):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a number, got {value!r}")
+  value = float(value)
+  if not (lo <= value and (value < hi if hi_open else value <= hi)):
+    raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+  return value
+
+
+def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
+             extra_keys: Mapping[str, Any] = ()) -> dict:
+  """Checks ``config`` for algorithm ``name`` and fills in ``defaults``.
+
+  Accepts every common key (ignored where it does not apply) and the
+  algorithm's ``extra_keys``; anything else raises a ValueError listing the
+  valid keys.
+  """
+  valid = set(COMMON_KEYS) | set(extra_keys)
+  unknown = sorted(set(config) - valid)
+  if unknown:
+    raise ValueError(f"{name}: unknown config key(s) {', '.join(map(repr, unknown))}; "
+                     f"valid keys are: {', '.join(sorted(valid))}")
+  cfg = {**dict(extra_keys), **{k: None for k in COMMON_KEYS}, **dict(defaults)}
+  cfg.update({k: v for k, v in config.items() if v is not None})
+
+  stype = cfg.get("sparsity_type") or "unstructured"
+  if stype != "unstructured":
+    from jaxprune import structured
+    structured.parse_sparsity_type(stype)
+  cfg["sparsity_type"] = stype
+  if cfg["sparsity"] is not None:
+    cfg["sparsity"] = _fraction("sparsity", cfg["sparsity"], 0.0, 1.0, hi_open=True)
+  cfg["start_step"] = _int("start_step", cfg["start_step"] if cfg["start_step"] is not None else 0, 0)
+  if cfg["end_step"] is not None:
+    cfg["end_step"] = _int("end_step", cfg["end_step"], 0)
+    if cfg["end_step"] < cfg["start_step"]:
+      raise ValueError(f"end_step ({cfg['end_step']}) must be >= start_step ({cfg['start_step']})")
+  if cfg["update_every"] is not None:
+    cfg["update_every"] = _int("update_every", cfg["update_every"], 1)
+  if cfg["drop_fraction"] is not None:
+    cfg["drop_fraction"] = _fraction("drop_fraction", cfg["drop_fraction"], 0.0, 1.0, hi_open=False)
+  cfg["seed"] = _int("seed", cfg["seed"] if cfg["seed"] is not None else 0, 0)
+  dist = cfg["distribution"]
+  if not (dist in ("uniform", "erk") or callable(dist)):
+    raise ValueError(f"distribution must be 'uniform', 'erk' or a callable, got {dist!r}")
+  inc = cfg["include"]
+  if isinstance(inc, str):
+    try:
+      re.compile(inc)
+    except re.error as e:
+      raise ValueError(f"include: {inc!r} is not a valid regular expression: {e}") from None
+  elif not (inc is None or callable(inc)):
+    raise TypeError(f"include must be None, a regex string or a callable, got {inc!r}")
+  return cfg
+
+
+def require(name: str, cfg: Mapping[str, Any], *keys: str) -> None:
+  """Raises ValueError naming the first of ``keys`` that ``cfg`` lacks."""
+  for k in keys:
+    if cfg.get(k) is None:
+      raise ValueError(f"{name}: config key {k!r} is required")

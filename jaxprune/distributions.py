@@ -1,0 +1,78 @@
+"""Per-leaf sparsity distributions: uniform and Erdos-Renyi-Kernel (ERK).
+
+Each returns a tree like ``params`` of per-leaf target sparsities (Python
+floats), 0.0 for leaves that are not pruned.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.paths import Include, pruned_leaves
+
+
+def _check_sparsity(sparsity):
+  if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+
+
+def uniform(params, sparsity: float, include: Include = None):
+  """The same sparsity for every pruned leaf."""
+  _check_sparsity(sparsity)
+  pruned = pruned_leaves(params, include)
+  return jax.tree.map(lambda sel: float(sparsity) if sel else 0.0, pruned)
+
+
+def erk(params, sparsity: float, include: Include = None, power_scale: float = 1.0):
+  """Erdos-Renyi-Kernel sparsities (Evci et al. 2020, "Rigging the Lottery").
+
+  The density of a pruned leaf is proportional to ``sum(shape) / prod(shape)``
+  (Mocanu et al. 2018 for dense layers; the kernel dims of a convolution count
+  too), scaled by one factor ``eps`` chosen so that the total number of kept
+  parameters equals that of the uniform distribution. A leaf whose density
+  would exceed 1 is made dense and ``eps`` is solved again for the rest, as in
+  the RigL reference code.
+  """
+  _check_sparsity(sparsity)
+  pruned = pruned_leaves(params, include)
+  flat, treedef = jax.tree.flatten(params)
+  sel = jax.tree.leaves(pruned)
+  shapes = {i: jnp.shape(x) for i, (x, s) in enumerate(zip(flat, sel)) if s}
+  result = [0.0] * len(flat)
+  if sparsity == 0.0 or not shapes:
+    return jax.tree.unflatten(treedef, result)
+  dense: set[int] = set()
+  while True:
+    rhs, divisor, raw = 0.0, 0.0, {}
+    for i, shape in shapes.items():
+      n = math.prod(shape)
+      if i in dense:
+        rhs -= n * sparsity
+      else:
+        rhs += n * (1.0 - sparsity)
+        raw[i] = (sum(shape) / n) ** power_scale
+        divisor += raw[i] * n
+    if not raw:  # every leaf dense: the target cannot be met
+      raise ValueError(f"erk: sparsity={sparsity} cannot be reached with the selected leaves")
+    eps = rhs / divisor
+    max_raw = max(raw.values())
+    if max_raw * eps > 1.0:
+      dense.update(i for i, r in raw.items() if r == max_raw)
+    else:
+      break
+  for i in shapes:
+    result[i] = 0.0 if i in dense else 1.0 - eps * raw[i]
+  return jax.tree.unflatten(treedef, result)
+
+
+def resolve(distribution, params, sparsity: float, include: Include = None):
+  """Per-leaf sparsities from a distribution name or callable."""
+  if distribution == "uniform":
+    return uniform(params, sparsity, include)
+  if distribution == "erk":
+    return erk(params, sparsity, include)
+  if callable(distribution):
+    return distribution(params, sparsity, include)
+  raise ValueError(f"distribution must be 'uniform', 'erk' or a callable, got {distribution!r}")

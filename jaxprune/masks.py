@@ -1,0 +1,84 @@
+"""Masks as pytrees: building, checking and applying them.
+
+A masks tree has exactly the params' tree structure. Each leaf is a bool array
+of its parameter's shape, or a scalar ``True`` for a leaf that is not pruned
+(it broadcasts). There are no ``None`` holes.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import topk
+from jaxprune.paths import path_str
+
+
+def dense_mask():
+  """The mask of a leaf that is not pruned: a scalar True."""
+  return jnp.ones((), jnp.bool_)
+
+
+def is_pruned_mask(mask) -> bool:
+  """A mask leaf prunes its parameter unless it is a scalar (scalar True = dense)."""
+  return jnp.ndim(mask) > 0
+
+
+def check_masks(params, masks) -> None:
+  """Raises ValueError naming the first path where ``masks`` does not fit ``params``."""
+  p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+  m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks)
+  p_paths = [path_str(p) for p, _ in p_flat]
+  m_paths = [path_str(p) for p, _ in m_flat]
+  if p_def != m_def:
+    for pp, mp in zip(p_paths, m_paths):
+      if pp != mp:
+        raise ValueError(f"masks do not match params: params have {pp!r} where masks have {mp!r}")
+    if len(p_paths) != len(m_paths):
+      longer, name = (p_paths, "params") if len(p_paths) > len(m_paths) else (m_paths, "masks")
+      raise ValueError(f"masks do not match params: only {name} have {longer[min(len(p_paths), len(m_paths))]!r}")
+    raise ValueError(f"masks do not match params: tree structures differ ({m_def} vs {p_def})")
+  for path, (_, p), (_, m) in zip(p_paths, p_flat, m_flat):
+    if jnp.ndim(m) and jnp.shape(m) != jnp.shape(p):
+      raise ValueError(f"masks do not match params at {path!r}: mask shape {jnp.shape(m)} "
+                       f"vs parameter shape {jnp.shape(p)}")
+    if jnp.result_type(m) != jnp.bool_:
+      raise ValueError(f"mask at {path!r} has dtype {jnp.result_type(m)}; masks must be bool")
+
+
+def apply_masks(params, masks):
+  """Zeroes every entry of ``params`` whose mask is False (exactly 0.0)."""
+  check_masks(params, masks)
+  return jax.tree.map(
+      lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))) if is_pruned_mask(m) else p,
+      params, masks)
+
+
+def _select(scores, sparsities):
+  """Top-k masks leaf by leaf; a leaf with sparsity None or 0 stays dense."""
+  def leaf(s, sp):
+    if sp is None or (not isinstance(sp, jax.Array) and float(sp) == 0.0):
+      return dense_mask()
+    return topk.topk_mask(s, topk.keep_count(jnp.size(s), sp))
+  return jax.tree.map(leaf, scores, sparsities)
+
+
+def magnitude_masks(params, sparsities):
+  """Keeps the largest-magnitude entries of each leaf.
+
+  Args:
+    params: a pytree of arrays.
+    sparsities: a tree like ``params`` of per-leaf sparsities (floats in [0, 1));
+      a leaf at 0.0 gets a scalar True mask. See :mod:`jaxprune.topk` for the
+      exact rounding and tie-break.
+  """
+  return _select(jax.tree.map(jnp.abs, params), sparsities)
+
+
+def random_masks(key, params, sparsities):
+  """Keeps a uniformly random subset of each leaf, of the exact size.
+
+  Each leaf draws from ``jax.random.fold_in(key, leaf_index)``.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x)) for i, x in enumerate(leaves)]
+  return _select(jax.tree.unflatten(treedef, scores), sparsities)

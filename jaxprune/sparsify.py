@@ -1,0 +1,105 @@
+"""The optax wrapper that keeps parameters sparse inside the training step."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxprune.algorithms.base import Algorithm
+from jaxprune.masks import check_masks, is_pruned_mask
+from jaxprune.optimizer_state import zero_where_masked
+
+
+class SparseState(NamedTuple):
+  """State of :func:`sparsify`: step count, masks, inner and algorithm state."""
+  count: jax.Array
+  masks: Any
+  inner_state: Any
+  algo_state: Any
+
+
+def _masked(tree, masks):
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)) if is_pruned_mask(m) else x,
+                      tree, masks)
+
+
+def _inner_step(inner, grads, inner_state, params, masks, extra):
+  """Masked gradients through ``inner``; pruned entries get ``-param`` (-> exactly 0)."""
+  updates, inner_state = inner.update(_masked(grads, masks), inner_state, params, **extra)
+  updates = jax.tree.map(
+      lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)) if is_pruned_mask(m) else u,
+      updates, params, masks)
+  return updates, inner_state
+
+
+def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
+             ) -> optax.GradientTransformationExtraArgs:
+  """Wraps any optax transformation so that parameters stay sparse.
+
+  After ``updates, state = tx.update(grads, state, params)`` and
+  ``optax.apply_updates(params, updates)``, every entry whose mask is False is
+  exactly 0.0, at every step. The inner transformation sees masked gradients;
+  its per-parameter state is zeroed wherever a mask update removes or adds an
+  entry, and added entries start at exactly 0.0. Mask updates run inside the
+  jitted step under ``lax.cond`` on the algorithm's schedule; RigL-style
+  algorithms receive the dense gradients given to ``tx.update``.
+
+  Args:
+    inner: any optax transformation (chains, ``inject_hyperparams``,
+      ``MultiSteps``, ...).
+    algorithm: from :func:`jaxprune.create`.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    masks, algo_state = algorithm.init(params)
+    check_masks(params, masks)
+    return SparseState(jnp.zeros([], jnp.int32), masks, inner.init(params), algo_state)
+
+  def update_fn(updates, state, params=None, **extra):
+    if params is None:
+      raise ValueError("jaxprune.sparsify needs the current params: call tx.update(grads, state, params)")
+    check_masks(params, state.masks)
+    count = optax.safe_increment(state.count)
+    if not algorithm.changes_masks:
+      new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, state.masks, extra)
+      return new_updates, SparseState(count, state.masks, inner_state, state.algo_state)
+
+    def keep_masks(_):
+      new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, state.masks, extra)
+      return new_updates, state.masks, inner_state, state.algo_state
+
+    def update_masks(_):
+      masks, algo_state = algorithm.update(state.count, params, updates, state.masks, state.algo_state)
+      stable = jax.tree.map(lambda new, old: new & old, masks, state.masks)
+      inner_state = zero_where_masked(state.inner_state, stable, params)
+      new_updates, inner_state = _inner_step(inner, updates, inner_state, params, stable, extra)
+      return new_updates, masks, inner_state, algo_state
+
+    new_updates, masks, inner_state, algo_state = lax.cond(
+        algorithm.is_update_step(state.count), update_masks, keep_masks, None)
+    return new_updates, SparseState(count, masks, inner_state, algo_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _sparse_states(opt_state):
+  is_sparse = lambda x: isinstance(x, SparseState)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_sparse) if is_sparse(x)]
+
+
+def get_sparse_state(opt_state) -> SparseState:
+  """The (outermost) :class:`SparseState` inside any optax state."""
+  found = _sparse_states(opt_state)
+  if not found:
+    raise ValueError("no jaxprune SparseState found in this optimizer state; "
+                     "was the optimizer built with jaxprune.sparsify?")
+  return found[0]
+
+
+def get_masks(opt_state):
+  """The current masks, found even when the sparse state is nested in other optax states."""
+  return get_sparse_state(opt_state).masks

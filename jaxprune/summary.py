@@ -1,0 +1,67 @@
+"""Per-leaf size, non-zeros and sparsity of a pytree, with a printable table."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from jaxprune.paths import path_str
+
+
+class LeafSummary(NamedTuple):
+  path: str
+  shape: tuple
+  size: int
+  nonzeros: int
+  note: str = ""
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.nonzeros / self.size if self.size else 0.0
+
+
+class Summary(NamedTuple):
+  """Rows per leaf plus the total; ``str(summary)`` is an aligned table."""
+  rows: tuple
+  total: LeafSummary
+
+  def __str__(self) -> str:
+    header = ("parameter", "shape", "size", "nonzeros", "sparsity", "")
+    lines = [(r.path, str(r.shape), str(r.size), str(r.nonzeros), f"{r.sparsity:.4f}", r.note)
+             for r in (*self.rows, self.total)]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i in (0, 1, 5) else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    rule = "-" * len(fmt(tuple("-" * w for w in widths)))
+    return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+
+  def as_dict(self) -> dict:
+    """``{path: sparsity}`` plus ``"total"``."""
+    return {**{r.path: r.sparsity for r in self.rows}, "total": self.total.sparsity}
+
+
+def summary(tree, masks=None, notes: Optional[dict] = None) -> Summary:
+  """Summarises a tree of arrays (params, or a masks tree on its own).
+
+  Args:
+    tree: params (non-zeros counted) or masks (True entries counted).
+    masks: optional masks for ``tree``; when given, kept entries are counted
+      from the masks (broadcast to each parameter's shape) instead of the values.
+    notes: optional ``{path: text}`` shown in the last column (e.g. why a leaf
+      was skipped by a structured pattern).
+  """
+  notes = notes or {}
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  mflat = [None] * len(flat) if masks is None else jax.tree.leaves(masks)
+  if len(mflat) != len(flat):
+    raise ValueError(f"summary: masks have {len(mflat)} leaves but the tree has {len(flat)}")
+  rows = []
+  for (p, x), m in zip(flat, mflat):
+    x = np.asarray(x)
+    counted = x if m is None else np.broadcast_to(np.asarray(m), x.shape)
+    path = path_str(p)
+    rows.append(LeafSummary(path, tuple(x.shape), int(x.size), int(np.count_nonzero(counted)),
+                            notes.get(path, "")))
+  total = LeafSummary("total", (), sum(r.size for r in rows), sum(r.nonzeros for r in rows))
+  return Summary(tuple(rows), total)
