@@ -68,19 +68,17 @@ def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
       new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, state.masks, extra)
       return new_updates, SparseState(count, state.masks, inner_state, state.algo_state)
 
-    def keep_masks(_):
-      new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, state.masks, extra)
-      return new_updates, state.masks, inner_state, state.algo_state
-
-    def update_masks(_):
-      masks, algo_state = algorithm.update(state.count, params, updates, state.masks, state.algo_state)
-      stable = jax.tree.map(lambda new, old: new & old, masks, state.masks)
-      inner_state = zero_where_masked(state.inner_state, stable, params)
-      new_updates, inner_state = _inner_step(inner, updates, inner_state, params, stable, extra)
-      return new_updates, masks, inner_state, algo_state
-
-    new_updates, masks, inner_state, algo_state = lax.cond(
-        algorithm.is_update_step(state.count), update_masks, keep_masks, None)
+    # Only the mask update sits under lax.cond; the rest runs every step so that
+    # XLA fuses it with the inner update (a cond around the whole inner update
+    # measured ~8% slower on CPU). On a step without a mask update ``stable``
+    # equals the masks and the resets below change nothing.
+    masks, algo_state = lax.cond(
+        algorithm.is_update_step(state.count),
+        lambda _: algorithm.update(state.count, params, updates, state.masks, state.algo_state),
+        lambda _: (state.masks, state.algo_state), None)
+    stable = jax.tree.map(lambda new, old: new & old, masks, state.masks)
+    inner_state = zero_where_masked(state.inner_state, stable, params)
+    new_updates, inner_state = _inner_step(inner, updates, inner_state, params, stable, extra)
     return new_updates, SparseState(count, masks, inner_state, algo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

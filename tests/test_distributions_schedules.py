@@ -1,0 +1,90 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, strategies as st
+
+import jaxprune
+from jaxprune import schedules
+from helpers import tiny_problem, train
+
+
+def test_erk_hand_computed():
+  params = {"a": jnp.zeros((4, 6)), "b": jnp.zeros((6, 2)), "bias": jnp.zeros((6,))}
+  s = jaxprune.erk(params, 0.5)
+  # raw densities (4+6)/24 and (6+2)/12; eps = 18 / (10 + 8) = 1
+  assert s["a"] == pytest.approx(1 - 10 / 24)
+  assert s["b"] == pytest.approx(1 - 8 / 12)
+  assert s["bias"] == 0.0
+
+
+def test_erk_makes_small_layer_dense_and_rebalances():
+  params = {"a": jnp.zeros((100, 100)), "b": jnp.zeros((2, 2))}
+  s = jaxprune.erk(params, 0.1)
+  assert s["b"] == 0.0
+  eps = (0.9 * 10000 - 0.1 * 4) / 200
+  assert s["a"] == pytest.approx(1 - 0.02 * eps)
+
+
+@given(dims=st.lists(st.tuples(st.integers(2, 64), st.integers(2, 64)), min_size=1, max_size=5),
+       sparsity=st.floats(0.05, 0.99))
+def test_erk_total_equals_uniform(dims, sparsity):
+  params = {f"l{i}": jnp.zeros(d) for i, d in enumerate(dims)}
+  try:
+    s = jaxprune.erk(params, sparsity)
+  except ValueError:
+    return  # every layer forced dense: target unreachable (reported clearly)
+  total = sum(math.prod(d) for d in dims)
+  kept = sum((1 - s[f"l{i}"]) * math.prod(d) for i, d in enumerate(dims))
+  assert kept == pytest.approx((1 - sparsity) * total, rel=1e-9, abs=1e-6)
+  assert all(0.0 <= v < 1.0 for v in s.values())
+
+
+def test_uniform_and_include_regex():
+  params = {"Dense_0": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)},
+            "Dense_1": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}}
+  s = jaxprune.uniform(params, 0.7, include="Dense_1/kernel")
+  assert s == {"Dense_0": {"kernel": 0.0, "bias": 0.0}, "Dense_1": {"kernel": 0.7, "bias": 0.0}}
+  s = jaxprune.uniform(params, 0.7, include=lambda path, leaf: path.endswith("bias"))
+  assert s["Dense_0"]["bias"] == 0.7 and s["Dense_0"]["kernel"] == 0.0
+
+
+def test_polynomial_schedule_matches_formula():
+  f = schedules.polynomial(final=0.9, initial=0.1, start_step=100, end_step=1100)
+  for t in [0, 100, 350, 600, 1099, 1100, 5000]:
+    frac = min(max((t - 100) / 1000, 0), 1)
+    expected = 0.9 + (0.1 - 0.9) * (1 - frac) ** 3
+    assert float(jax.jit(f)(t)) == pytest.approx(expected, abs=1e-6)
+  assert float(f(1100)) == np.float32(0.9)
+
+
+def test_schedules_one_shot_constant_cosine_and_periodic():
+  assert float(schedules.one_shot(0.8, 5)(4)) == 0.0 and float(schedules.one_shot(0.8, 5)(5)) == pytest.approx(0.8)
+  assert float(schedules.constant(0.3)(123)) == pytest.approx(0.3)
+  d = schedules.cosine_drop_fraction(0.3, 1000)
+  assert float(d(0)) == pytest.approx(0.3) and float(d(500)) == pytest.approx(0.15) and float(d(1000)) == pytest.approx(0.0, abs=1e-7)
+  upd = jax.jit(schedules.periodic_updates(10, 45, 10))
+  assert [t for t in range(60) if bool(upd(t))] == [10, 20, 30, 40, 45]
+
+
+def test_gradual_magnitude_reaches_final_exactly_at_end_step_and_stays():
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create("gradual_magnitude", sparsity=0.9, start_step=2, end_step=17, update_every=5)
+  history = {}
+
+  def record(i, p, s):
+    history[i] = {r.path: r.nonzeros for r in jaxprune.summary(p, jaxprune.get_masks(s)).rows}
+
+  train(jaxprune.sparsify(optax.sgd(0.1), algo), params, loss_fn, 30, callback=record)
+  k = "params/Dense_0/kernel"  # 12 x 32 = 384 entries
+  n = 384
+  final_keep = n - math.floor(0.9 * n)
+  assert history[15][k] > final_keep          # before the update at end_step
+  assert history[17][k] == final_keep         # the update at step 17 (= end_step) reaches it
+  assert all(history[i][k] == final_keep for i in range(17, 30))
+  # intermediate: the cubic schedule at step 7
+  s7 = 0.9 * (1 - (1 - 5 / 15) ** 3)
+  assert abs(history[7][k] - (n - math.floor(s7 * n))) <= 1

@@ -1,0 +1,122 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune
+from helpers import assert_zeros_where_masked, tiny_problem, train
+
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.1),
+    "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "lion": lambda: optax.lion(1e-3),
+    "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+    "multi_steps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_zeros_contract_every_step_for_each_optimizer(name):
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create("gradual_magnitude", sparsity=0.8, start_step=0, end_step=12, update_every=4)
+  tx = jaxprune.sparsify(OPTIMIZERS[name](), algo)
+  initial = params
+  checked = []
+
+  def check(i, p, s):
+    masks = jaxprune.get_masks(s)
+    assert jax.tree.structure(masks) == jax.tree.structure(p)
+    assert_zeros_where_masked(p, masks)
+    checked.append(i)
+
+  params, state, losses = train(tx, params, loss_fn, 24, callback=check)
+  assert len(checked) == 24
+  s = jaxprune.summary(params, jaxprune.get_masks(state)).as_dict()
+  assert s["params/Dense_0/kernel"] == pytest.approx(0.8, abs=1 / 384)
+  # unpruned leaves (biases) still train
+  b0, b1 = initial["params"]["Dense_0"]["bias"], params["params"]["Dense_0"]["bias"]
+  assert not np.allclose(np.asarray(b0), np.asarray(b1))
+  assert np.isfinite(losses[-1])
+
+
+def test_nested_sparse_state_is_found():
+  params, loss_fn = tiny_problem()
+  tx = optax.chain(optax.clip(1.0), jaxprune.sparsify(optax.sgd(0.1), jaxprune.create("magnitude", sparsity=0.5)))
+  outer = optax.MultiSteps(tx, every_k_schedule=2)
+  state = outer.init(params)
+  masks = jaxprune.get_masks(state)
+  assert jax.tree.structure(masks) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match="SparseState"):
+    jaxprune.get_masks(optax.adam(1e-3).init(params))
+
+
+def test_inner_state_is_zero_at_pruned_entries():
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create("magnitude", sparsity=0.7, start_step=3)
+  tx = jaxprune.sparsify(optax.adam(1e-2), algo)
+  params, state, _ = train(tx, params, loss_fn, 8)
+  masks = jaxprune.get_masks(state)
+  mu = state.inner_state[0].mu
+  for leaf, m in zip(jax.tree.leaves(mu), jax.tree.leaves(masks)):
+    m = np.broadcast_to(np.asarray(m), leaf.shape)
+    assert np.all(np.asarray(leaf)[~m] == 0.0)
+    if m.ndim == 2:
+      assert np.any(np.asarray(leaf)[m] != 0.0)
+
+
+def test_pruning_without_initial_apply_still_zeroes_after_first_step():
+  params, loss_fn = tiny_problem()
+  tx = jaxprune.sparsify(optax.adam(1e-2), jaxprune.create("static", sparsity=0.9))
+  params, state, _ = train(tx, params, loss_fn, 1, apply_initial_masks=False)
+  assert_zeros_where_masked(params, jaxprune.get_masks(state))
+
+
+def test_update_requires_params():
+  params, _ = tiny_problem()
+  tx = jaxprune.sparsify(optax.sgd(0.1), jaxprune.create("magnitude", sparsity=0.5))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, state)
+
+
+def test_mask_update_does_not_retrace():
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create("gradual_magnitude", sparsity=0.9, end_step=10, update_every=2)
+  tx = jaxprune.sparsify(optax.adam(1e-2), algo)
+  traces = []
+
+  @jax.jit
+  def step(p, s):
+    traces.append(1)
+    g = jax.grad(loss_fn)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  for _ in range(12):
+    params, state = step(params, state)
+  assert len(traces) == 1
+  assert jaxprune.summary(params, jaxprune.get_masks(state)).as_dict()["params/Dense_1/kernel"] == pytest.approx(0.9, abs=1e-2)
+
+
+@pytest.mark.parametrize("name", ["dense", "magnitude", "gradual_magnitude", "global_magnitude", "random", "static"])
+def test_every_algorithm_trains_and_reduces_loss(name):
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create(name, sparsity=0.5, end_step=20, update_every=5, distribution="uniform")
+  params, state, losses = train(jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 60)
+  assert losses[-1] < losses[0]
+  assert_zeros_where_masked(params, jaxprune.get_masks(state))
+  total = jaxprune.summary(params, jaxprune.get_masks(state))
+  kernels = [r for r in total.rows if r.path.endswith("kernel")]
+  kept = sum(r.nonzeros for r in kernels)
+  size = sum(r.size for r in kernels)
+  if name == "dense":
+    assert kept == size
+  elif name == "global_magnitude":
+    assert kept == size - size // 2  # one threshold over all kernels
+  else:
+    assert all(r.nonzeros == r.size - r.size // 2 for r in kernels)
