@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from jaxprune.algorithms.base import Algorithm
+from jaxprune.algorithms.dst import rigl, set_
 from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
 from jaxprune.algorithms.random import dense, random, static
 
@@ -14,6 +15,8 @@ REGISTRY: dict[str, Callable[..., Algorithm]] = {
     "global_magnitude": global_magnitude,
     "random": random,
     "static": static,
+    "set": set_,
+    "rigl": rigl,
 }
 
 

@@ -1,0 +1,149 @@
+"""Dynamic sparse training: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020).
+
+Both start from random masks drawn with ``distribution`` (ERK by default) and,
+every ``update_every`` steps after ``start_step`` and before ``end_step``,
+replace a fraction of each pruned leaf's active connections:
+
+1. drop: the ``n_drop = floor(d_t * n_active)`` active connections of smallest
+   magnitude (``n_drop`` is capped at the number of inactive positions);
+2. grow: ``n_drop`` connections among the positions that were inactive before
+   this update -- at random (SET) or where the dense gradient is largest (RigL).
+
+So the number of active connections per leaf never changes, nothing dropped is
+regrown in the same update, and the drop fraction follows RigL's cosine decay
+``d_t = d/2 (1 + cos(pi t / end_step))``. Regrown weights start at exactly 0.0
+and their inner-optimizer state is zeroed by :func:`jaxprune.sparsify`.
+
+Non-finite scores never win: a NaN weight ranks below every finite active
+weight for keeping, and NaN or inf gradients rank below every finite gradient
+for growth, so masks stay valid (counts unchanged) whatever the gradients hold.
+With ``sparsity=0`` every mask is all True, nothing can be grown, and training
+is dense.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import config as config_lib
+from jaxprune import schedules, topk
+from jaxprune.algorithms import base
+from jaxprune.masks import is_pruned_mask
+
+DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
+
+
+class DSTState(NamedTuple):
+  """Telemetry of the last mask update (readable inside and outside jit).
+
+  Attributes:
+    drop_fraction: the drop fraction ``d_t`` used at the last update.
+    changed: per leaf, the fraction of active connections replaced at the last
+      update (0.0 for leaves that are not pruned).
+    updates: number of mask updates so far.
+  """
+  drop_fraction: jax.Array
+  changed: Any
+  updates: jax.Array
+
+
+def _finite_or(x, fill):
+  return jnp.where(jnp.isfinite(x), x, jnp.float32(fill))
+
+
+def replace_connections(mask, weights, grow_scores, drop_fraction):
+  """One SET/RigL update of a single leaf's mask.
+
+  Args:
+    mask: bool array, the active connections.
+    weights: the leaf's parameters (drop the smallest ``|w|`` among active).
+    grow_scores: growth priority (higher first), consulted only at positions
+      inactive in ``mask``.
+    drop_fraction: fraction of active connections to replace (scalar).
+
+  Returns:
+    ``(new_mask, n_replaced)`` with ``sum(new_mask) == sum(mask)``.
+  """
+  n = mask.size
+  n_active = jnp.sum(mask, dtype=jnp.int32)
+  n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
+  n_drop = jnp.minimum(n_drop, n - n_active)
+  magnitude = jnp.abs(weights).astype(jnp.float32)
+  keep_scores = jnp.where(mask, jnp.where(jnp.isnan(magnitude), -1.0, magnitude), -jnp.inf)
+  kept = topk.topk_mask(keep_scores, n_active - n_drop)
+  grow = jnp.where(mask, -jnp.inf, _finite_or(jnp.abs(grow_scores).astype(jnp.float32), -1.0))
+  grown = topk.topk_mask(grow, n_drop)
+  return kept | grown, n_drop
+
+
+def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
+  cfg = config_lib.validate(name, config, DEFAULTS)
+  if cfg["sparsity_type"] == "unstructured":
+    config_lib.require(name, cfg, "sparsity")
+  config_lib.require(name, cfg, "end_step")
+  t0, t1, every = cfg["start_step"], cfg["end_step"], cfg["update_every"]
+  drop_schedule = schedules.cosine_drop_fraction(cfg["drop_fraction"], t1)
+
+  def init(params):
+    pruned, sparsities = base.targets(cfg, params)
+    scores = base.random_scores(base.step_key(cfg, 0), params)
+    keep = (sparsities if cfg["sparsity_type"] != "unstructured" else
+            jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities))
+    masks = base.select(cfg, scores, pruned, keep)
+    changed = jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params)
+    return masks, DSTState(jnp.float32(cfg["drop_fraction"]), changed, jnp.int32(0))
+
+  def is_update_step(step):
+    return (step > 0) & (step >= t0) & (step < t1) & ((step - t0) % every == 0)
+
+  def update(step, params, grads, masks, state):
+    d = drop_schedule(step)
+    key = base.step_key(cfg, step)
+    grow = grow_scores_fn(key, params, grads)
+    flat_m, treedef = jax.tree.flatten(masks)
+    new_masks, changed = [], []
+    for m, w, g in zip(flat_m, jax.tree.leaves(params), jax.tree.leaves(grow)):
+      if not is_pruned_mask(m):
+        new_masks.append(m)
+        changed.append(jnp.zeros((), jnp.float32))
+        continue
+      if cfg["sparsity_type"] != "unstructured":
+        from jaxprune import structured
+        new_m, n_drop = structured.replace_connections(m, w, g, d, cfg["sparsity_type"])
+      else:
+        new_m, n_drop = replace_connections(m, w, g, d)
+      new_masks.append(new_m)
+      changed.append(n_drop.astype(jnp.float32) / jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0))
+    return (jax.tree.unflatten(treedef, new_masks),
+            DSTState(d, jax.tree.unflatten(treedef, changed), state.updates + 1))
+
+  return base.Algorithm(name, cfg, init, is_update_step, update)
+
+
+def _random_growth(key, params, grads):
+  del grads
+  return base.random_scores(jax.random.fold_in(key, 1), params)
+
+
+def _gradient_growth(key, params, grads):
+  del key, params
+  return grads
+
+
+def set_(**config) -> base.Algorithm:
+  """Sparse Evolutionary Training (Mocanu et al. 2018, "Scalable training of
+  artificial neural networks with adaptive sparse connectivity inspired by
+  network science"): drop the smallest-magnitude active weights, regrow as many
+  uniformly at random among inactive positions (randomness from
+  ``fold_in(PRNGKey(seed), step)``)."""
+  return _dst("set", _random_growth, config)
+
+
+def rigl(**config) -> base.Algorithm:
+  """RigL (Evci et al. 2020, "Rigging the Lottery: Making All Tickets
+  Winners"): drop the smallest-magnitude active weights, regrow as many where
+  the dense gradient magnitude ``|dL/dw|`` is largest among inactive positions.
+  The dense gradient is the one handed to ``tx.update``, before masking."""
+  return _dst("rigl", _gradient_growth, config)
