@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jax.experimental.shard_alike import shard_alike
+
 from jaxprune.algorithms.base import Algorithm
 from jaxprune.masks import check_masks, is_pruned_mask
 from jaxprune.optimizer_state import zero_where_masked
@@ -35,6 +37,16 @@ def _inner_step(inner, grads, inner_state, params, masks, extra):
   return updates, inner_state
 
 
+def place_like(params, masks):
+  """Gives every full-shape mask its parameter's sharding (``shard_alike``).
+
+  Masks drawn from random numbers or computed from scores do not inherit the
+  sharding of their parameters by themselves; under a ``Mesh`` this keeps each
+  mask next to its parameter shard, so no mask update gathers a parameter.
+  """
+  return jax.tree.map(lambda p, m: shard_alike(p, m)[1] if is_pruned_mask(m) else m, params, masks)
+
+
 def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
              ) -> optax.GradientTransformationExtraArgs:
   """Wraps any optax transformation so that parameters stay sparse.
@@ -57,6 +69,7 @@ def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
   def init_fn(params):
     masks, algo_state = algorithm.init(params)
     check_masks(params, masks)
+    masks = place_like(params, masks)
     return SparseState(jnp.zeros([], jnp.int32), masks, inner.init(params), algo_state)
 
   def update_fn(updates, state, params=None, **extra):
@@ -74,7 +87,7 @@ def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
     # equals the masks and the resets below change nothing.
     masks, algo_state = lax.cond(
         algorithm.is_update_step(state.count),
-        lambda _: algorithm.update(state.count, params, updates, state.masks, state.algo_state),
+        lambda _: _placed(algorithm.update(state.count, params, updates, state.masks, state.algo_state), params),
         lambda _: (state.masks, state.algo_state), None)
     stable = jax.tree.map(lambda new, old: new & old, masks, state.masks)
     inner_state = zero_where_masked(state.inner_state, stable, params)
@@ -82,6 +95,11 @@ def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
     return new_updates, SparseState(count, masks, inner_state, algo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _placed(masks_and_state, params):
+  masks, algo_state = masks_and_state
+  return place_like(params, masks), algo_state
 
 
 def _sparse_states(opt_state):

@@ -1,0 +1,604 @@
+"""Structured sparsity patterns: N:M, blocks, and whole neurons/channels.
+
+A ``sparsity_type`` string names the pattern a mask must follow:
+
+``"unstructured"``
+  Any entries (the library default; handled by :mod:`jaxprune.topk`).
+``"N:M"`` (``"2:4"``, ``"1:4"``, ``"4:8"``, ...)
+  Fine-grained structured sparsity: in every group of ``M`` consecutive weights
+  along the contraction (input) axis exactly ``N`` are kept, the ``N`` with the
+  highest scores. Sparse tensor cores run 2:4 at twice the dense rate
+  (Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks",
+  arXiv:2104.08378; Zhou et al. 2021, "Learning N:M Fine-grained Structured
+  Sparse Neural Networks From Scratch", ICLR). The per-layer sparsity is fixed
+  at ``1 - N/M`` (:func:`nm_sparsity`); the ``sparsity`` argument is ignored.
+``"block:RxC"`` (``"block:4x4"``, ``"block:1x32"``, ...)
+  Whole ``R x C`` tiles are kept or dropped by tile score, the sum of the
+  scores in the tile (Gray, Radford & Kingma 2017, "GPU Kernels for
+  Block-Sparse Weights").
+``"neuron"`` / ``"channel"`` (synonyms)
+  Whole output units are kept or dropped by the L2 norm of their scores; for
+  ``|w|`` scores that is the L2 norm of the unit's weights (filter pruning,
+  Li et al. 2017, "Pruning Filters for Efficient ConvNets", ICLR; network
+  slimming, Liu et al. 2017, ICCV). The per-layer ``sparsity`` (from the
+  uniform or ERK distribution) is the fraction of units removed.
+
+Axes follow Flax's kernel layout ``(..., in, out)``: a Dense kernel is
+``(in, out)`` and a Conv kernel ``(H, W, in, out)``. By default N:M groups run
+along ``axis=-2`` (the input axis for both: axis 0 of a Dense kernel, the
+input-channel axis of a Conv kernel; axis 0 for 1-D leaves), and neurons and
+channels are slices along ``axis=-1`` (output units). Blocks tile the matrix
+view of a kernel, ``prod(shape[:-1]) x shape[-1]`` -- the ``(in, out)`` matrix
+of a Dense layer and the im2col matrix ``(H*W*in, out)`` of a Conv layer;
+``axis`` is not used for blocks.
+
+Counts follow the library-wide rounding rule: a layer with ``G`` blocks or units
+at sparsity ``s`` keeps ``G - floor(s * G)`` of them (:func:`jaxprune.topk.keep_count`).
+Ties are broken deterministically: among equal scores, the lower index wins
+(within an N:M group, the lower position; among blocks, the lower row-major tile
+index; among units, the lower unit index). NaN scores rank lowest.
+
+Every mask-producing function here is jit-able: shapes are static, and the
+``sparsity`` of block and neuron masks may be a traced scalar.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.topk import keep_count, topk_mask
+
+__all__ = [
+    "SparsityType",
+    "parse_sparsity_type",
+    "nm_sparsity",
+    "incompatibility",
+    "structured_mask",
+    "select_compatible",
+    "incompatibility_notes",
+    "nm_mask_from_scores",
+    "replace_connections",
+    "block_mask_from_scores",
+    "unit_mask_from_scores",
+    "unit_norms",
+    "is_nm_sparse",
+    "group_counts",
+]
+
+
+class SparsityType(NamedTuple):
+  """A parsed ``sparsity_type``.
+
+  Attributes:
+    kind: ``"unstructured"``, ``"nm"``, ``"block"`` or ``"unit"`` (neurons and
+      channels).
+    n: kept entries per group (N:M only, else 0).
+    m: group size (N:M only, else 0).
+    block: ``(R, C)`` tile shape (blocks only, else ``()``).
+    name: the canonical string (``"2:4"``, ``"block:4x4"``, ``"neuron"``...).
+  """
+  kind: str
+  n: int = 0
+  m: int = 0
+  block: tuple = ()
+  name: str = "unstructured"
+
+
+class SparsityTypeError(ValueError, TypeError):
+  """A ``sparsity_type`` that is not a string: both a ValueError and a TypeError."""
+
+
+_NM_RE = re.compile(r"^(\d+):(\d+)$")
+_BLOCK_RE = re.compile(r"^block:(\d+)x(\d+)$")
+_HELP = ('expected "unstructured", "N:M" with 1 <= N <= M (e.g. "2:4"), '
+         '"block:RxC" with R, C >= 1 (e.g. "block:4x4"), "neuron" or "channel"')
+
+
+def parse_sparsity_type(sparsity_type) -> SparsityType:
+  """Parses and validates a ``sparsity_type`` string.
+
+  Accepts ``"unstructured"``, ``"N:M"`` (``1 <= N <= M``), ``"block:RxC"``
+  (``R, C >= 1``), ``"neuron"`` and ``"channel"``; case and surrounding
+  whitespace are ignored. A :class:`SparsityType` passes through unchanged.
+
+  Raises:
+    ValueError: naming ``sparsity_type`` and the bad value, for ``"3:2"``,
+      ``"0:4"``, ``"2:0"``, ``"2:4:8"``, ``"block:0x4"``, unknown words, and
+      non-strings (those raise :class:`SparsityTypeError`, which is both a
+      ValueError and a TypeError).
+  """
+  if isinstance(sparsity_type, SparsityType):
+    return sparsity_type
+  if not isinstance(sparsity_type, str):
+    raise SparsityTypeError(
+        f"sparsity_type must be a string, got {sparsity_type!r} "
+        f"of type {type(sparsity_type).__name__}; {_HELP}")
+  s = sparsity_type.strip().lower()
+  if s == "unstructured":
+    return SparsityType("unstructured", name="unstructured")
+  if s in ("neuron", "channel"):
+    return SparsityType("unit", name=s)
+  match = _NM_RE.match(s)
+  if match:
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n <= m:
+      raise ValueError(f"sparsity_type={sparsity_type!r}: N:M needs 1 <= N <= M "
+                       f"(got N={n}, M={m}); {_HELP}")
+    return SparsityType("nm", n=n, m=m, name=f"{n}:{m}")
+  match = _BLOCK_RE.match(s)
+  if match:
+    r, c = int(match.group(1)), int(match.group(2))
+    if r < 1 or c < 1:
+      raise ValueError(f"sparsity_type={sparsity_type!r}: block sizes must be >= 1 "
+                       f"(got {r}x{c}); {_HELP}")
+    return SparsityType("block", block=(r, c), name=f"block:{r}x{c}")
+  raise ValueError(f"sparsity_type={sparsity_type!r} is not a known sparsity type; {_HELP}")
+
+
+def nm_sparsity(sparsity_type) -> float:
+  """The sparsity ``1 - N/M`` an N:M pattern implies (``0.5`` for ``"2:4"``).
+
+  Raises:
+    ValueError: if ``sparsity_type`` is not an N:M pattern.
+  """
+  st = parse_sparsity_type(sparsity_type)
+  if st.kind != "nm":
+    raise ValueError(f"sparsity_type={sparsity_type!r} is not an N:M pattern; "
+                     "only N:M types fix the sparsity")
+  return 1.0 - st.n / st.m
+
+
+def _default_axis(kind: str, ndim: int) -> int:
+  if kind == "unit":
+    return -1
+  return -2 if ndim >= 2 else 0
+
+
+def _resolve_axis(kind: str, ndim: int, axis: Optional[int]) -> int:
+  """Non-negative axis for ``kind`` on an array of rank ``ndim`` (may raise)."""
+  a = _default_axis(kind, ndim) if axis is None else int(axis)
+  if not -ndim <= a < ndim:
+    raise ValueError(f"axis={axis} is out of range for a rank-{ndim} leaf")
+  return a % ndim
+
+
+def incompatibility(shape: Sequence[int], sparsity_type, axis: Optional[int] = None
+                    ) -> Optional[str]:
+  """Why a leaf of ``shape`` cannot take ``sparsity_type``, or None if it can.
+
+  The reason is a short human-readable sentence, e.g. ``"axis 0 has size 10,
+  not divisible by M=4"``, suitable for a summary table or an error message.
+  ``sparsity_type`` itself must be valid (else ValueError from
+  :func:`parse_sparsity_type`).
+  """
+  st = parse_sparsity_type(sparsity_type)
+  shape = tuple(int(d) for d in shape)
+  ndim = len(shape)
+  if st.kind == "unstructured":
+    return None
+  if st.kind == "nm":
+    if ndim == 0:
+      return f"{st.name} needs an array, got a scalar"
+    try:
+      a = _resolve_axis("nm", ndim, axis)
+    except ValueError as e:
+      return f"{st.name}: {e}"
+    if shape[a] % st.m:
+      return f"{st.name}: axis {a} has size {shape[a]}, not divisible by M={st.m}"
+    return None
+  if st.kind == "block":
+    if ndim < 2:
+      return f"{st.name} needs a kernel with ndim >= 2, got shape {shape}"
+    r, c = st.block
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    reasons = []
+    if rows % r:
+      reasons.append(f"{rows} rows (prod of all but the last axis) not divisible by R={r}")
+    if cols % c:
+      reasons.append(f"{cols} columns (last axis) not divisible by C={c}")
+    return f"{st.name}: " + " and ".join(reasons) if reasons else None
+  # units
+  if ndim < 2:
+    return f"{st.name} pruning needs a kernel with ndim >= 2, got shape {shape}"
+  try:
+    _resolve_axis("unit", ndim, axis)
+  except ValueError as e:
+    return f"{st.name}: {e}"
+  return None
+
+
+# ----------------------------------------------------------------------------
+# Selection primitives (jit-able).
+
+
+def _rank_key(scores: jax.Array) -> jax.Array:
+  """float32 scores with NaN -> -inf and -0.0 -> +0.0 (ties then compare equal)."""
+  x = jnp.asarray(scores, jnp.float32)
+  return jnp.where(jnp.isnan(x), -jnp.inf, x) + 0.0
+
+
+def _count_to_keep(n_groups: int, sparsity) -> jax.Array | int:
+  """``G - floor(s * G)``; exact Python arithmetic when ``sparsity`` is concrete."""
+  if sparsity is None:
+    raise ValueError("sparsity is required for block, neuron and channel masks (got None)")
+  try:
+    s = float(sparsity)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    s = None
+  if s is not None:
+    if not 0.0 <= s <= 1.0:
+      raise ValueError(f"sparsity must be in [0, 1], got {s}")
+    return keep_count(n_groups, s)
+  # Traced sparsity: the same rule in float32 (the float64 product of the static
+  # path can differ in the last ulp for a handful of (s, G) pairs).
+  s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+  return n_groups - jnp.floor(s * n_groups).astype(jnp.int32)
+
+
+def _keep_highest(scores: jax.Array, k) -> jax.Array:
+  """Mask of the ``k`` highest of a small score array (blocks or units).
+
+  A stable sort of the negated keys: equal scores keep index order, so the lower
+  row-major index wins; NaN ranks lowest. Same selection as
+  :func:`jaxprune.topk.topk_mask`, cheaper to compile for the few hundred to
+  few thousand groups of a layer. ``k`` may be traced.
+  """
+  key = _rank_key(scores).reshape(-1)
+  order = jnp.argsort(0.0 - key, stable=True)
+  keep = jnp.arange(key.size) < k
+  return jnp.zeros(key.shape, bool).at[order].set(keep).reshape(scores.shape)
+
+
+def nm_mask_from_scores(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
+  """Keeps the ``n`` highest scores in every group of ``m`` along ``axis``.
+
+  Groups are ``m`` consecutive positions along ``axis`` (positions
+  ``[g*m, (g+1)*m)``) at fixed indices of all other axes. Exactly ``n`` entries
+  per group are True; among equal scores the lower position wins; NaN ranks
+  lowest. This is the primitive dynamic sparse training calls with combined
+  drop/grow scores to stay N:M (Zhou et al. 2021).
+
+  Args:
+    scores: float array; ``scores.shape[axis]`` must be divisible by ``m``.
+    n, m: Python ints with ``0 <= n <= m``.
+    axis: the grouping axis (default -2, the input axis of Flax kernels).
+
+  Returns:
+    bool array of ``scores.shape``.
+  """
+  scores = jnp.asarray(scores)
+  n, m = int(n), int(m)
+  if not (m >= 1 and 0 <= n <= m):
+    raise ValueError(f"N:M needs 0 <= N <= M and M >= 1, got N={n}, M={m}")
+  if scores.ndim == 0:
+    raise ValueError("N:M masks need an array, got a scalar")
+  ax = axis % scores.ndim
+  d = scores.shape[ax]
+  if d % m:
+    raise ValueError(f"axis {ax} has size {d}, not divisible by M={m}")
+  return _nm_impl(scores, n, m, ax)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_impl(scores, n: int, m: int, ax: int):
+  d = scores.shape[ax]
+  x = jnp.moveaxis(_rank_key(scores), ax, -1)
+  lead = x.shape[:-1]
+  g = x.reshape(lead + (d // m, m))
+  if m <= 16:
+    # rank_i = #{j : s_j > s_i} + #{j < i : s_j == s_i}: m compares per entry.
+    si = g[..., :, None]
+    sj = g[..., None, :]
+    pos = jnp.arange(m)
+    earlier = pos[None, :] < pos[:, None]  # [i, j]: j < i
+    rank = jnp.sum((sj > si) | ((sj == si) & earlier), axis=-1)
+  else:
+    # Large groups: a stable sort of the negated keys (ties keep index order).
+    order = jnp.argsort(0.0 - g, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+  keep = (rank < n).reshape(lead + (d,))
+  return jnp.moveaxis(keep, -1, ax)
+
+
+def block_mask_from_scores(scores: jax.Array, sparsity, block: tuple[int, int]) -> jax.Array:
+  """Keeps whole ``R x C`` tiles of the matrix view by the sum of their scores.
+
+  The matrix view of a leaf of shape ``(..., out)`` is
+  ``(prod(shape[:-1]), out)``. A leaf with ``G`` tiles keeps ``G - floor(s*G)``
+  of them; ties go to the lower row-major tile index; a tile whose sum is NaN
+  ranks lowest.
+  """
+  scores = jnp.asarray(scores)
+  r, c = (int(b) for b in block)
+  shape = scores.shape
+  rows, cols = math.prod(shape[:-1]), shape[-1]
+  if scores.ndim < 2 or rows % r or cols % c:
+    raise ValueError(f"shape {shape} cannot be tiled by {r}x{c} blocks")
+  k = _count_to_keep((rows // r) * (cols // c), sparsity)
+  return _block_impl(scores, k, (r, c))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _block_impl(scores, k, block):
+  r, c = block
+  shape = scores.shape
+  rows, cols = math.prod(shape[:-1]), shape[-1]
+  x = jnp.asarray(scores, jnp.float32).reshape(rows // r, r, cols // c, c)
+  tile = jnp.sum(x, axis=(1, 3))
+  keep = _keep_highest(tile, k)
+  full = jnp.broadcast_to(keep[:, None, :, None], (rows // r, r, cols // c, c))
+  return full.reshape(shape)
+
+
+def unit_norms(scores: jax.Array, axis: int = -1) -> jax.Array:
+  """L2 norm of ``scores`` over all axes but ``axis``: one value per unit.
+
+  Computed in float32; a unit with a NaN score has a NaN norm and ranks lowest.
+  """
+  x = jnp.asarray(scores, jnp.float32)
+  ax = axis % x.ndim
+  other = tuple(i for i in range(x.ndim) if i != ax)
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=other))
+
+
+def unit_mask_from_scores(scores: jax.Array, sparsity, axis: int = -1) -> jax.Array:
+  """Keeps whole output units (slices along ``axis``) by their L2 norm.
+
+  A leaf with ``G`` units keeps ``G - floor(s*G)``; ties go to the lower unit
+  index. The mask is True on every entry of a kept unit and False on every entry
+  of a removed one.
+  """
+  scores = jnp.asarray(scores)
+  ax = axis % scores.ndim
+  k = _count_to_keep(scores.shape[ax], sparsity)
+  return _unit_impl(scores, k, ax)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _unit_impl(scores, k, ax):
+  norms = unit_norms(scores, ax)
+  keep = _keep_highest(norms, k)
+  shape = [1] * scores.ndim
+  shape[ax] = scores.shape[ax]
+  return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+def structured_mask(scores: jax.Array, sparsity, sparsity_type, axis: Optional[int] = None
+                    ) -> jax.Array:
+  """A bool mask of ``scores.shape`` following ``sparsity_type``.
+
+  Args:
+    scores: float array shaped like the parameter (e.g. ``|w|`` or ``|grad|``).
+    sparsity: fraction of blocks/units (or entries, for ``"unstructured"``) to
+      remove; a Python float or a traced scalar. Ignored for N:M.
+    sparsity_type: see the module docstring.
+    axis: grouping axis for N:M (default -2, 0 for 1-D) or the unit axis for
+      neurons/channels (default -1). Unused for blocks.
+
+  Returns:
+    bool array; jit-able (shapes static, ``sparsity`` may be traced).
+
+  Raises:
+    ValueError: bad ``sparsity_type`` or a shape it cannot apply to (the reason
+      from :func:`incompatibility`).
+  """
+  st = parse_sparsity_type(sparsity_type)
+  scores = jnp.asarray(scores)
+  reason = incompatibility(scores.shape, st, axis)
+  if reason is not None:
+    raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {scores.shape}: {reason}")
+  if st.kind == "unstructured":
+    return topk_mask(scores, _count_to_keep(scores.size, sparsity))
+  if st.kind == "nm":
+    return nm_mask_from_scores(scores, st.n, st.m, _resolve_axis("nm", scores.ndim, axis))
+  if st.kind == "block":
+    return block_mask_from_scores(scores, sparsity, st.block)
+  return unit_mask_from_scores(scores, sparsity, _resolve_axis("unit", scores.ndim, axis))
+
+
+# ----------------------------------------------------------------------------
+# Dynamic sparse training within a pattern (SET / RigL drop-and-grow).
+
+
+def _finite_magnitude(x) -> jax.Array:
+  """``|x|`` in float32 with NaN mapped to -1 (ranks below every real magnitude)."""
+  a = jnp.abs(jnp.asarray(x, jnp.float32))
+  return jnp.where(jnp.isnan(a), -1.0, a)
+
+
+def _replace_groups(active, magnitude, growth, drop_fraction):
+  """Drop-and-grow over whole groups (1-D arrays): returns (new_active, n_dropped)."""
+  n = active.size
+  n_active = jnp.sum(active, dtype=jnp.int32)
+  n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
+  n_drop = jnp.minimum(n_drop, n - n_active)
+  kept = topk_mask(jnp.where(active, magnitude, -jnp.inf), n_active - n_drop)
+  grown = topk_mask(jnp.where(active, -jnp.inf, growth), n_drop)
+  return kept | grown, n_drop
+
+
+def _pairwise_rank(key: jax.Array, descending: bool) -> jax.Array:
+  """Rank of every entry within its last-axis group; ties go to the lower index."""
+  m = key.shape[-1]
+  ki, kj = key[..., :, None], key[..., None, :]
+  pos = jnp.arange(m)
+  earlier = pos[None, :] < pos[:, None]
+  better = (kj > ki) if descending else (kj < ki)
+  return jnp.sum(better | ((kj == ki) & earlier), axis=-1)
+
+
+def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
+  move = lambda x: jnp.moveaxis(jnp.asarray(x), ax, -1)
+  shape = move(mask).shape
+  groups = lambda x: x.reshape(-1, m)
+  act = groups(move(mask).astype(bool))
+  mag = groups(move(_finite_magnitude(weights)))
+  grow = groups(move(_finite_magnitude(grow_scores)))
+  # A group can drop at most min(n, m - n): it regrows among its own inactive slots.
+  cap = min(n, m - n)
+  eligible = act & (_pairwise_rank(jnp.where(act, mag, jnp.inf), descending=False) < cap)
+  n_active = jnp.sum(act, dtype=jnp.int32)
+  n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
+  n_drop = jnp.minimum(n_drop, jnp.sum(eligible, dtype=jnp.int32))
+  drop = topk_mask(jnp.where(eligible, -mag, -jnp.inf), n_drop)
+  per_group = jnp.sum(drop, axis=-1, dtype=jnp.int32)
+  grow_rank = _pairwise_rank(jnp.where(act, -jnp.inf, grow), descending=True)
+  grown = ~act & (grow_rank < per_group[:, None])
+  new = ((act & ~drop) | grown).reshape(shape)
+  return jnp.moveaxis(new, -1, ax), jnp.sum(per_group)
+
+
+def replace_connections(mask, weights, grow_scores, drop_fraction, sparsity_type,
+                        axis: Optional[int] = None):
+  """One SET/RigL drop-and-grow update that keeps the ``sparsity_type`` pattern.
+
+  * N:M: the ``floor(d * active)`` active weights with the smallest ``|w|`` are
+    dropped (at most ``min(N, M - N)`` per group), and every group regrows as
+    many among its previously inactive positions with the highest
+    ``|grow_scores|``, so each group keeps exactly N (Zhou et al. 2021 train
+    N:M masks from scratch the same way, group by group).
+  * blocks / neurons / channels: whole groups are dropped and grown. A group's
+    magnitude is the sum of ``|w|`` over the tile (blocks) or the L2 norm of
+    the unit (neurons), its growth score the same reduction of
+    ``|grow_scores|``; ``floor(d * active groups)`` are replaced.
+  * unstructured: entry by entry.
+
+  Regrowth happens only at positions (groups) inactive before the update; ties go
+  to the lower index; NaN magnitudes are dropped first. jit-able, with traced
+  ``drop_fraction``.
+
+  Args:
+    mask: bool array, the active connections (following the pattern).
+    weights: the leaf's parameters.
+    grow_scores: growth priority (gradient for RigL, random for SET).
+    drop_fraction: fraction of active connections (groups) to replace.
+    sparsity_type: the pattern.
+    axis: as in :func:`structured_mask`.
+
+  Returns:
+    ``(new_mask, n_replaced)``: the new mask, with as many True entries as
+    ``mask``, and the number of entries replaced (int32 scalar).
+  """
+  st = parse_sparsity_type(sparsity_type)
+  mask = jnp.asarray(mask, bool)
+  reason = incompatibility(mask.shape, st, axis)
+  if reason is not None:
+    raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {mask.shape}: {reason}")
+  if st.kind == "nm":
+    return _nm_replace(mask, weights, grow_scores, drop_fraction, st.n, st.m,
+                       _resolve_axis("nm", mask.ndim, axis))
+  if st.kind == "unstructured":
+    new, n_drop = _replace_groups(mask.reshape(-1), _finite_magnitude(weights).reshape(-1),
+                                  _finite_magnitude(grow_scores).reshape(-1), drop_fraction)
+    return new.reshape(mask.shape), n_drop
+  if st.kind == "block":
+    r, c = st.block
+    rows, cols = math.prod(mask.shape[:-1]), mask.shape[-1]
+    tiles = lambda x, red: red(x.reshape(rows // r, r, cols // c, c), axis=(1, 3)).reshape(-1)
+    active = tiles(mask, jnp.any)
+    mag = tiles(_finite_magnitude(weights), jnp.sum)
+    grow = tiles(_finite_magnitude(grow_scores), jnp.sum)
+    new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
+    full = jnp.broadcast_to(new.reshape(rows // r, 1, cols // c, 1), (rows // r, r, cols // c, c))
+    return full.reshape(mask.shape), n_drop * (r * c)
+  ax = _resolve_axis("unit", mask.ndim, axis)
+  other = tuple(i for i in range(mask.ndim) if i != ax)
+  active = jnp.any(mask, axis=other)
+  mag = jnp.sqrt(jnp.sum(jnp.square(_finite_magnitude(weights)), axis=other))
+  grow = jnp.sqrt(jnp.sum(jnp.square(_finite_magnitude(grow_scores)), axis=other))
+  new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
+  shape = [1] * mask.ndim
+  shape[ax] = mask.shape[ax]
+  unit_size = mask.size // max(mask.shape[ax], 1)
+  return jnp.broadcast_to(new.reshape(shape), mask.shape), n_drop * unit_size
+
+
+# ----------------------------------------------------------------------------
+# Which leaves can take a pattern.
+
+
+def incompatibility_notes(params, sparsity_type, include=None, axis: Optional[int] = None
+                          ) -> dict:
+  """``{path: reason}`` for leaves selected by ``include`` that cannot take the pattern.
+
+  Suitable as the ``notes`` of :func:`jaxprune.summary`.
+  """
+  from jaxprune.paths import include_fn, path_str
+  st = parse_sparsity_type(sparsity_type)
+  pred = include_fn(include)
+  notes = {}
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = path_str(keypath)
+    if pred(path, leaf):
+      reason = incompatibility(np.shape(leaf), st, axis)
+      if reason is not None:
+        notes[path] = f"skipped: {reason}"
+  return notes
+
+
+def select_compatible(params, pruned, cfg) -> Any:
+  """Drops the leaves that cannot take ``cfg["sparsity_type"]`` from ``pruned``.
+
+  Args:
+    params: the parameter tree.
+    pruned: a tree of bools like ``params``: leaves selected for pruning.
+    cfg: the algorithm config; reads ``sparsity_type``, ``include`` and (if
+      present) ``axis``.
+
+  Returns:
+    ``pruned`` with False where the leaf's shape is incompatible (see
+    :func:`incompatibility`; :func:`incompatibility_notes` gives the reasons).
+
+  Raises:
+    ValueError: when ``include`` was given explicitly and selects an
+      incompatible leaf -- naming the path, ``sparsity_type`` and the reason.
+  """
+  st = parse_sparsity_type(cfg["sparsity_type"])
+  axis = cfg.get("axis")
+  explicit = cfg.get("include") is not None
+  from jaxprune.paths import path_str
+
+  def check(keypath, leaf, sel):
+    if not sel:
+      return False
+    reason = incompatibility(np.shape(leaf), st, axis)
+    if reason is None:
+      return True
+    if explicit:
+      raise ValueError(f"sparsity_type={st.name!r} cannot apply to {path_str(keypath)!r} "
+                       f"(shape {tuple(np.shape(leaf))}), selected by include="
+                       f"{cfg['include']!r}: {reason}")
+    return False
+
+  return jax.tree_util.tree_map_with_path(check, params, pruned)
+
+
+# ----------------------------------------------------------------------------
+# Checks.
+
+
+def group_counts(mask, m: int, axis: int = -2) -> np.ndarray:
+  """Number of True (non-zero) entries in every N:M group of ``m`` along ``axis``.
+
+  Returns an integer array shaped like ``mask`` with ``axis`` shrunk to
+  ``size // m``.
+  """
+  x = np.asarray(mask) != 0
+  ax = axis % x.ndim
+  x = np.moveaxis(x, ax, -1)
+  counts = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m)).sum(-1)
+  return np.moveaxis(counts, -1, ax)
+
+
+def is_nm_sparse(x, n: int, m: int, axis: int = -2) -> bool:
+  """True when every group of ``m`` along ``axis`` has at most ``n`` non-zeros."""
+  x = np.asarray(x)
+  if x.ndim == 0 or x.shape[axis % x.ndim] % m:
+    return False
+  return bool(np.all(group_counts(x, m, axis) <= n))
