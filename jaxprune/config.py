@@ -34,12 +34,13 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   algorithm's ``extra_keys``; anything else raises a ValueError listing the
   valid keys.
   """
+  extra_keys = {"axis": None, **dict(extra_keys)}  # structured grouping axis (jaxprune.structured)
   valid = set(COMMON_KEYS) | set(extra_keys)
   unknown = sorted(set(config) - valid)
   if unknown:
     raise ValueError(f"{name}: unknown config key(s) {', '.join(map(repr, unknown))}; "
                      f"valid keys are: {', '.join(sorted(valid))}")
-  cfg = {**dict(extra_keys), **{k: None for k in COMMON_KEYS}, **dict(defaults)}
+  cfg = {**extra_keys, **{k: None for k in COMMON_KEYS}, **dict(defaults)}
   cfg.update({k: v for k, v in config.items() if v is not None})
 
   stype = cfg.get("sparsity_type") or "unstructured"
@@ -47,6 +48,8 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
     from jaxprune import structured
     structured.parse_sparsity_type(stype)
   cfg["sparsity_type"] = stype
+  if cfg["axis"] is not None and (isinstance(cfg["axis"], bool) or not isinstance(cfg["axis"], numbers.Integral)):
+    raise TypeError(f"axis must be an integer, got {cfg['axis']!r}")
   if cfg["sparsity"] is not None:
     cfg["sparsity"] = _fraction("sparsity", cfg["sparsity"], 0.0, 1.0, hi_open=True)
   cfg["start_step"] = _int("start_step", cfg["start_step"] if cfg["start_step"] is not None else 0, 0)

@@ -273,9 +273,13 @@ def nm_mask_from_scores(scores: jax.Array, n: int, m: int, axis: int = -2) -> ja
     bool array of ``scores.shape``.
   """
   scores = jnp.asarray(scores)
-  n, m = int(n), int(m)
-  if not (m >= 1 and 0 <= n <= m):
-    raise ValueError(f"N:M needs 0 <= N <= M and M >= 1, got N={n}, M={m}")
+  m = int(m)
+  if isinstance(n, jax.core.Tracer):  # a traced N (gradual N:M ramp): clipped to [0, M]
+    n = jnp.clip(n, 0, m)
+  else:
+    n = int(n)
+    if not (m >= 1 and 0 <= n <= m):
+      raise ValueError(f"N:M needs 0 <= N <= M and M >= 1, got N={n}, M={m}")
   if scores.ndim == 0:
     raise ValueError("N:M masks need an array, got a scalar")
   ax = axis % scores.ndim
@@ -285,8 +289,8 @@ def nm_mask_from_scores(scores: jax.Array, n: int, m: int, axis: int = -2) -> ja
   return _nm_impl(scores, n, m, ax)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _nm_impl(scores, n: int, m: int, ax: int):
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _nm_impl(scores, n, m: int, ax: int):
   d = scores.shape[ax]
   x = jnp.moveaxis(_rank_key(scores), ax, -1)
   lead = x.shape[:-1]

@@ -41,17 +41,24 @@ class Summary(NamedTuple):
     return {**{r.path: r.sparsity for r in self.rows}, "total": self.total.sparsity}
 
 
-def summary(tree, masks=None, notes: Optional[dict] = None) -> Summary:
+def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None) -> Summary:
   """Summarises a tree of arrays (params, or a masks tree on its own).
 
   Args:
     tree: params (non-zeros counted) or masks (True entries counted).
     masks: optional masks for ``tree``; when given, kept entries are counted
       from the masks (broadcast to each parameter's shape) instead of the values.
-    notes: optional ``{path: text}`` shown in the last column (e.g. why a leaf
-      was skipped by a structured pattern).
+    notes: optional ``{path: text}`` shown in the last column.
+    algorithm: optional; with a structured ``sparsity_type``, the leaves it
+      skipped because their shape cannot take the pattern are noted with the
+      reason.
   """
-  notes = notes or {}
+  notes = dict(notes or {})
+  if algorithm is not None and algorithm.config.get("sparsity_type", "unstructured") != "unstructured":
+    from jaxprune import structured
+    cfg = algorithm.config
+    notes = {**structured.incompatibility_notes(tree, cfg["sparsity_type"], cfg["include"], cfg.get("axis")),
+             **notes}
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   mflat = [None] * len(flat) if masks is None else jax.tree.leaves(masks)
   if len(mflat) != len(flat):

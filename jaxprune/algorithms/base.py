@@ -79,7 +79,7 @@ def select(cfg, scores, pruned, keep):
     if stype == "unstructured":
       return topk.topk_mask(s, k)
     from jaxprune import structured
-    return structured.structured_mask(s, k, stype)
+    return structured.structured_mask(s, k, stype, axis=cfg.get("axis"))
   return jax.tree.map(leaf, scores, pruned, keep)
 
 

@@ -111,7 +111,7 @@ def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
         continue
       if cfg["sparsity_type"] != "unstructured":
         from jaxprune import structured
-        new_m, n_drop = structured.replace_connections(m, w, g, d, cfg["sparsity_type"])
+        new_m, n_drop = structured.replace_connections(m, w, g, d, cfg["sparsity_type"], cfg["axis"])
       else:
         new_m, n_drop = replace_connections(m, w, g, d)
       new_masks.append(new_m)

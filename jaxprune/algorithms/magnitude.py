@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import schedules, topk
+from jaxprune import schedules, structured, topk
 from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask
 
@@ -67,6 +67,8 @@ def gradual_magnitude(**config) -> base.Algorithm:
     if cfg["sparsity_type"] == "unstructured":
       keep = jax.tree.map(lambda p, s: schedules.polynomial_keep_count(
           jnp.size(p), min(s_i, s), s, frac, cfg["power"]), params, sparsities)
+    elif structured.parse_sparsity_type(cfg["sparsity_type"]).kind == "nm":
+      return _nm_ramp(cfg, params, masks, pruned, frac), state
     else:
       keep = jax.tree.map(lambda s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(step),
                           sparsities)
@@ -109,6 +111,21 @@ def global_magnitude(**config) -> base.Algorithm:
   is_update = (schedules.periodic_updates(t0, t1, cfg["update_every"]) if t1 > t0
                else (lambda step: step == t0))
   return base.Algorithm("global_magnitude", cfg, _init(cfg), is_update, update)
+
+
+def _nm_ramp(cfg, params, masks, pruned, frac):
+  """Gradual N:M: every group of M keeps ``N_t = M - floor((M - N) c_t)`` entries.
+
+  ``c_t = 1 - (1 - frac)^power`` is the Zhu & Gupta cubic progress, so a 2:4
+  target ramps 4:4 -> 3:4 -> 2:4 on the update steps and is exactly N:M from
+  ``end_step`` on; masks only shrink within each group.
+  """
+  st = structured.parse_sparsity_type(cfg["sparsity_type"])
+  progress = 1.0 - (1.0 - frac) ** cfg["power"]
+  n_t = jnp.where(frac >= 1.0, st.n, st.m - jnp.floor((st.m - st.n) * progress).astype(jnp.int32))
+  scores = masked_magnitude(params, masks)
+  return jax.tree.map(lambda s, sel, m: structured.nm_mask_from_scores(s, n_t, st.m, cfg["axis"] if cfg["axis"] is not None else -2)
+                      if sel else m, scores, pruned, masks)
 
 
 def _require_sparsity(name, cfg):
