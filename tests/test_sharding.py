@@ -1,0 +1,45 @@
+"""Masks follow their parameters' sharding; mask updates never gather a parameter."""
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np, optax, jaxprune
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("model",))
+    spec = NamedSharding(mesh, P(None, "model"))
+    params = {"w": jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (64, 32)), spec),
+              "b": jnp.zeros(32)}
+    for name in ["rigl", "set", "static", "gradual_magnitude"]:
+        algo = jaxprune.create(name, sparsity=0.9, end_step=100, update_every=2)
+        tx = jaxprune.sparsify(optax.adam(1e-2), algo)
+        state = jax.jit(tx.init)(params)
+        assert state.masks["w"].sharding.is_equivalent_to(spec, 2), (name, state.masks["w"].sharding)
+
+        @jax.jit
+        def step(p, s):
+            g = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * p["b"].sum() + p["w"] ** 2))(p)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p = params
+        for _ in range(5):
+            p, state = step(p, state)
+        assert state.masks["w"].sharding.is_equivalent_to(spec, 2), (name, state.masks["w"].sharding)
+        if name != "gradual_magnitude":
+            assert int(state.masks["w"].sum()) == 64 * 32 - int(0.9 * 64 * 32), name
+        hlo = step.lower(p, state).compile().as_text()
+        assert "all-gather" not in hlo, name
+    print("OK")
+""")
+
+
+def test_masks_sharded_like_params_without_gathers():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith("OK")
