@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jaxprune
 from jaxprune.topk import keep_count, topk_mask, topk_masks
@@ -12,6 +12,7 @@ from jaxprune.topk import keep_count, topk_mask, topk_masks
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple)
 
 
+@settings(max_examples=15)
 @given(shape=shapes, sparsity=st.floats(0.0, 0.999), seed=st.integers(0, 2**16))
 def test_exact_kept_count_magnitude(shape, sparsity, seed):
   w = jax.random.normal(jax.random.PRNGKey(seed), shape)
@@ -25,6 +26,7 @@ def test_exact_kept_count_magnitude(shape, sparsity, seed):
     assert a[m].min() >= a[~m].max()
 
 
+@settings(max_examples=15)
 @given(shape=shapes, k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
        levels=st.integers(1, 4))
 def test_topk_with_heavy_ties_is_exact_and_lowest_index_first(shape, k_frac, seed, levels):
@@ -71,6 +73,7 @@ def test_keep_count_rule():
   assert keep_count(3, 0.5) == 2
 
 
+@settings(max_examples=15)
 @given(shape=shapes, sparsity=st.floats(0.0, 0.999), seed=st.integers(0, 2**16))
 def test_random_masks_exact_count_and_deterministic(shape, sparsity, seed):
   params = {"w": jnp.ones(shape)}
