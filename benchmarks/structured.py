@@ -17,41 +17,16 @@ import argparse
 import math
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import MLP, interleaved
 from jaxprune.compact import compact
 from jaxprune.export import to_bcoo
 from jaxprune.structured import structured_mask
 
 SIZES = (784, 2048, 2048, 10)
-
-
-class MLP(nn.Module):
-  features: tuple
-
-  @nn.compact
-  def __call__(self, x):
-    for f in self.features[:-1]:
-      x = nn.relu(nn.Dense(f)(x))
-    return nn.Dense(self.features[-1])(x)
-
-
-def interleaved(fns: dict, rounds: int, reps: int) -> dict:
-  """Median seconds per call of each ``fn()``, run in turn (A B A B ...)."""
-  for fn in fns.values():
-    fn()
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      for _ in range(reps):
-        fn()
-      times[name].append((time.perf_counter() - t) / reps)
-  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def mlp_params(rng):
