@@ -344,11 +344,15 @@ def unit_norms(scores: jax.Array, axis: int = -1) -> jax.Array:
   """L2 norm of ``scores`` over all axes but ``axis``: one value per unit.
 
   Computed in float32; a unit with a NaN score has a NaN norm and ranks lowest.
+  A unit with a ``-inf`` score (an entry masked out, as in
+  ``masked_magnitude``) has norm ``-inf`` and ranks lowest too, so an update
+  never brings back a pruned unit ahead of a live one.
   """
   x = jnp.asarray(scores, jnp.float32)
   ax = axis % x.ndim
   other = tuple(i for i in range(x.ndim) if i != ax)
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=other))
+  norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=other))
+  return jnp.where(jnp.any(x == -jnp.inf, axis=other), -jnp.inf, norms)
 
 
 def unit_mask_from_scores(scores: jax.Array, sparsity, axis: int = -1) -> jax.Array:
