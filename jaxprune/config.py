@@ -17,7 +17,7 @@ def _int(name, value, minimum):
   return int(value)
 
 
-def _fraction(name, value, lo, hi, hi_open):
+def fraction(name, value, lo, hi, hi_open):
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"{name} must be a number, got {value!r}")
   value = float(value)
@@ -51,7 +51,7 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   if cfg["axis"] is not None and (isinstance(cfg["axis"], bool) or not isinstance(cfg["axis"], numbers.Integral)):
     raise TypeError(f"axis must be an integer, got {cfg['axis']!r}")
   if cfg["sparsity"] is not None:
-    cfg["sparsity"] = _fraction("sparsity", cfg["sparsity"], 0.0, 1.0, hi_open=True)
+    cfg["sparsity"] = fraction("sparsity", cfg["sparsity"], 0.0, 1.0, hi_open=True)
   cfg["start_step"] = _int("start_step", cfg["start_step"] if cfg["start_step"] is not None else 0, 0)
   if cfg["end_step"] is not None:
     cfg["end_step"] = _int("end_step", cfg["end_step"], 0)
@@ -60,7 +60,7 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   if cfg["update_every"] is not None:
     cfg["update_every"] = _int("update_every", cfg["update_every"], 1)
   if cfg["drop_fraction"] is not None:
-    cfg["drop_fraction"] = _fraction("drop_fraction", cfg["drop_fraction"], 0.0, 1.0, hi_open=False)
+    cfg["drop_fraction"] = fraction("drop_fraction", cfg["drop_fraction"], 0.0, 1.0, hi_open=False)
   cfg["seed"] = _int("seed", cfg["seed"] if cfg["seed"] is not None else 0, 0)
   dist = cfg["distribution"]
   if not (dist in ("uniform", "erk") or callable(dist)):

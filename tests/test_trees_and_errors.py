@@ -165,3 +165,12 @@ def test_summary_table_and_totals():
   assert s.total.size == 6 and s.total.nonzeros == 3
   text = str(s)
   assert "w" in text and "0.5000" in text and "total" in text
+
+
+def test_gradual_extra_keys_validated():
+  with pytest.raises(ValueError, match="initial_sparsity"):
+    jaxprune.create("gradual_magnitude", sparsity=0.5, end_step=10, initial_sparsity=1.2)
+  with pytest.raises(ValueError, match="power"):
+    jaxprune.create("gradual_magnitude", sparsity=0.5, end_step=10, power=0)
+  with pytest.raises(ValueError, match="'power'"):
+    jaxprune.create("rigl", sparsity=0.5, end_step=10, power=3)  # not a rigl key

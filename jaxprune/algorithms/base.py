@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jaxprune import distributions, topk
 from jaxprune.masks import dense_mask
-from jaxprune.paths import pruned_leaves
+from jaxprune.paths import path_str, pruned_leaves
 
 
 class Algorithm(NamedTuple):
@@ -54,7 +54,6 @@ def targets(cfg, params):
 def _as_include(pruned):
   """An include predicate that selects exactly the leaves marked in ``pruned``."""
   flat = jax.tree_util.tree_flatten_with_path(pruned)[0]
-  from jaxprune.paths import path_str
   chosen = {path_str(p) for p, sel in flat if sel}
   return lambda path, leaf: path in chosen
 

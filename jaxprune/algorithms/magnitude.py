@@ -58,7 +58,9 @@ def gradual_magnitude(**config) -> base.Algorithm:
                             extra_keys=dict(initial_sparsity=0.0, power=3.0))
   _require_sparsity("gradual_magnitude", cfg)
   config_lib.require("gradual_magnitude", cfg, "end_step")
-  s_i = config_lib._fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
+  s_i = config_lib.fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
+  if isinstance(cfg["power"], bool) or not isinstance(cfg["power"], (int, float)) or not cfg["power"] > 0:
+    raise ValueError(f"power must be a positive number, got {cfg['power']!r}")
   t0, t1 = cfg["start_step"], cfg["end_step"]
 
   def update(step, params, grads, masks, state):
