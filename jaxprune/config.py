@@ -9,6 +9,9 @@ COMMON_KEYS = ("sparsity", "distribution", "include", "start_step", "end_step", 
                "drop_fraction", "seed", "sparsity_type")
 
 
+MAX_STEP = 2**31 - 2
+
+
 def _int(name, value, minimum):
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -59,6 +62,9 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
       raise ValueError(f"end_step ({cfg['end_step']}) must be >= start_step ({cfg['start_step']})")
   if cfg["update_every"] is not None:
     cfg["update_every"] = _int("update_every", cfg["update_every"], 1)
+  for key in ("start_step", "end_step", "update_every"):
+    if cfg[key] is not None and cfg[key] > MAX_STEP:
+      raise ValueError(f"{key} must be at most {MAX_STEP} (the step counter is int32), got {cfg[key]}")
   if cfg["drop_fraction"] is not None:
     cfg["drop_fraction"] = fraction("drop_fraction", cfg["drop_fraction"], 0.0, 1.0, hi_open=False)
   cfg["seed"] = _int("seed", cfg["seed"] if cfg["seed"] is not None else 0, 0)

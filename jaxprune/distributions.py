@@ -39,7 +39,7 @@ def erk(params, sparsity: float, include: Include = None, power_scale: float = 1
   pruned = pruned_leaves(params, include)
   flat, treedef = jax.tree.flatten(params)
   sel = jax.tree.leaves(pruned)
-  shapes = {i: jnp.shape(x) for i, (x, s) in enumerate(zip(flat, sel)) if s}
+  shapes = {i: jnp.shape(x) for i, (x, s) in enumerate(zip(flat, sel)) if s and jnp.size(x) > 0}
   result = [0.0] * len(flat)
   if sparsity == 0.0 or not shapes:
     return jax.tree.unflatten(treedef, result)

@@ -45,21 +45,46 @@ def check_masks(params, masks) -> None:
       raise ValueError(f"mask at {path!r} has dtype {jnp.result_type(m)}; masks must be bool")
 
 
+def zero_masked(tree, masks, skip_scalar_masks: bool = True):
+  """``where(mask, x, 0)`` leaf by leaf, without structure checks.
+
+  With ``skip_scalar_masks`` (the per-step path) scalar masks are taken to be
+  True, as the algorithms make them, and cost nothing.
+  """
+  def leaf(x, m):
+    if skip_scalar_masks and not is_pruned_mask(m):
+      return x
+    return jnp.where(m, x, jnp.zeros((), jnp.result_type(x)))
+  return jax.tree.map(leaf, tree, masks)
+
+
 def apply_masks(params, masks):
   """Zeroes every entry of ``params`` whose mask is False (exactly 0.0)."""
   check_masks(params, masks)
-  return jax.tree.map(
-      lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))) if is_pruned_mask(m) else p,
-      params, masks)
+  return zero_masked(params, masks, skip_scalar_masks=False)
+
+
+def keep_count_of(n: int, sparsity):
+  """:func:`jaxprune.topk.keep_count`, also for a traced sparsity (float32 product)."""
+  if isinstance(sparsity, jax.core.Tracer):
+    return n - jnp.floor(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
+  return topk.keep_count(n, sparsity)
 
 
 def _select(scores, sparsities):
-  """Top-k masks leaf by leaf; a leaf with sparsity None or 0 stays dense."""
+  """Top-k masks leaf by leaf; a leaf with a static sparsity None or 0 stays dense."""
   def leaf(s, sp):
-    if sp is None or (not isinstance(sp, jax.Array) and float(sp) == 0.0):
+    if sp is None or (not isinstance(sp, jax.core.Tracer) and float(sp) == 0.0):
       return dense_mask()
-    return topk.topk_mask(s, topk.keep_count(jnp.size(s), sp))
+    return topk.topk_mask(s, keep_count_of(jnp.size(s), sp))
   return jax.tree.map(leaf, scores, sparsities)
+
+
+def random_scores(key, tree):
+  """Uniform [0, 1) scores shaped like each leaf, from ``fold_in(key, leaf_index)``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x))
+                                      for i, x in enumerate(leaves)])
 
 
 def magnitude_masks(params, sparsities):
@@ -79,6 +104,4 @@ def random_masks(key, params, sparsities):
 
   Each leaf draws from ``jax.random.fold_in(key, leaf_index)``.
   """
-  leaves, treedef = jax.tree.flatten(params)
-  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x)) for i, x in enumerate(leaves)]
-  return _select(jax.tree.unflatten(treedef, scores), sparsities)
+  return _select(random_scores(key, params), sparsities)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxprune.masks import is_pruned_mask
 
@@ -22,15 +23,18 @@ def zero_where_masked(opt_state, masks, params):
   pshapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
   mleaves = jax.tree.leaves(masks)
 
+  # optax.masked / multi_transform put MaskedNode() where a leaf is not theirs.
+  is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
+
   def matches(node):
-    return jax.tree.structure(node) == pdef
+    return jax.tree.structure(node, is_leaf=is_masked_node) == pdef
 
   def reset(node):
     if not matches(node):
       return node
-    leaves = jax.tree.leaves(node)
+    leaves = jax.tree.leaves(node, is_leaf=is_masked_node)
     out = [jnp.where(m, x, jnp.zeros((), x.dtype))
-           if is_pruned_mask(m) and jnp.shape(x) == shape else x
+           if not is_masked_node(x) and is_pruned_mask(m) and jnp.shape(x) == shape else x
            for x, m, shape in zip(leaves, mleaves, pshapes)]
     return jax.tree.unflatten(pdef, out)
 

@@ -79,6 +79,9 @@ def pruned_leaves(params, include: Include = None):
       raise ValueError(f"include={include!r} matched no parameter; the parameter paths are: "
                        + ", ".join(path_str(p) for p, _ in flat))
     for path, x in chosen:
+      if jnp.ndim(x) == 0:
+        raise ValueError(f"include={include!r} selects the scalar {path!r}: a scalar cannot be pruned "
+                         "(its mask is a scalar True)")
       if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"include={include!r} selects {path!r} of dtype {jnp.result_type(x)}: "
                         "only floating-point leaves can be pruned")

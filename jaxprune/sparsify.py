@@ -11,7 +11,7 @@ from jax import lax
 from jax.experimental.shard_alike import shard_alike
 
 from jaxprune.algorithms.base import Algorithm
-from jaxprune.masks import check_masks, is_pruned_mask
+from jaxprune.masks import check_masks, is_pruned_mask, zero_masked
 from jaxprune.optimizer_state import zero_where_masked
 
 
@@ -23,18 +23,23 @@ class SparseState(NamedTuple):
   algo_state: Any
 
 
-def _masked(tree, masks):
-  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)) if is_pruned_mask(m) else x,
-                      tree, masks)
-
-
 def _inner_step(inner, grads, inner_state, params, masks, extra):
   """Masked gradients through ``inner``; pruned entries get ``-param`` (-> exactly 0)."""
-  updates, inner_state = inner.update(_masked(grads, masks), inner_state, params, **extra)
-  updates = jax.tree.map(
-      lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)) if is_pruned_mask(m) else u,
-      updates, params, masks)
-  return updates, inner_state
+  updates, inner_state = inner.update(zero_masked(grads, masks), inner_state, params, **extra)
+  return jax.tree.map(_enforce_zero, updates, params, masks), inner_state
+
+
+def _enforce_zero(u, p, m):
+  """``-p`` where the mask is False, so that ``p + update`` is exactly 0.0.
+
+  Computed in the promoted dtype of update and parameter: rounding ``-p`` to a
+  narrower update dtype (bf16 gradients, f32 params) would leave a residue.
+  A NaN or inf parameter cannot be zeroed by an additive update.
+  """
+  if not is_pruned_mask(m):
+    return u
+  dt = jnp.promote_types(jnp.result_type(u), jnp.result_type(p))
+  return jnp.where(m, u.astype(dt), -p.astype(dt))
 
 
 def place_like(params, masks):

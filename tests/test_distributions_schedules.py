@@ -33,10 +33,7 @@ def test_erk_makes_small_layer_dense_and_rebalances():
        sparsity=st.floats(0.05, 0.99))
 def test_erk_total_equals_uniform(dims, sparsity):
   params = {f"l{i}": jnp.zeros(d) for i, d in enumerate(dims)}
-  try:
-    s = jaxprune.erk(params, sparsity)
-  except ValueError:
-    return  # every layer forced dense: target unreachable (reported clearly)
+  s = jaxprune.erk(params, sparsity)
   total = sum(math.prod(d) for d in dims)
   kept = sum((1 - s[f"l{i}"]) * math.prod(d) for i, d in enumerate(dims))
   assert kept == pytest.approx((1 - sparsity) * total, rel=1e-9, abs=1e-6)
@@ -88,3 +85,8 @@ def test_gradual_magnitude_reaches_final_exactly_at_end_step_and_stays():
   # intermediate: the cubic schedule at step 7
   s7 = 0.9 * (1 - (1 - 5 / 15) ** 3)
   assert abs(history[7][k] - (n - math.floor(s7 * n))) <= 1
+
+
+def test_erk_skips_zero_size_leaves():
+  s = jaxprune.erk({"z": jnp.zeros((0, 5)), "w": jnp.ones((4, 4))}, 0.5)
+  assert s["z"] == 0.0 and s["w"] == pytest.approx(0.5)

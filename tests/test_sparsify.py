@@ -120,3 +120,47 @@ def test_every_algorithm_trains_and_reduces_loss(name):
     assert kept == size - size // 2  # one threshold over all kernels
   else:
     assert all(r.nonzeros == r.size - r.size // 2 for r in kernels)
+
+
+def test_multisteps_wrapping_sparsify_keeps_zeros():
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create("gradual_magnitude", sparsity=0.7, end_step=6, update_every=2)
+  tx = optax.MultiSteps(jaxprune.sparsify(optax.adam(1e-2), algo), every_k_schedule=3)
+  checked = []
+
+  def check(i, p, s):
+    assert_zeros_where_masked(p, jaxprune.get_masks(s))
+    checked.append(i)
+
+  params, state, losses = train(tx, params, loss_fn, 24, callback=check)
+  assert len(checked) == 24 and losses[-1] < losses[0]
+  assert int(jaxprune.get_sparse_state(state).count) == 8  # the inner step runs every 3rd call
+
+
+def test_mixed_precision_updates_still_give_exact_zeros():
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 16))}  # float32
+  tx = jaxprune.sparsify(optax.sgd(0.1), jaxprune.create("magnitude", sparsity=0.5))
+  state = tx.init(params)
+  grads = {"w": jnp.ones((16, 16), jnp.bfloat16)}
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  m = np.asarray(jaxprune.get_masks(state)["w"])
+  assert (np.asarray(new["w"])[~m] == 0.0).all() and (~m).sum() == 128
+
+
+def test_traced_sparsity_in_magnitude_masks():
+  params = {"w": jnp.arange(1.0, 11.0)}
+  masks = jax.jit(jaxprune.magnitude_masks)(params, {"w": 0.5})
+  assert np.asarray(masks["w"]).tolist() == [False] * 5 + [True] * 5
+
+
+def test_scalar_masks_are_applied_by_apply_masks():
+  assert float(jaxprune.apply_masks({"w": jnp.float32(3.0)}, {"w": jnp.array(False)})["w"]) == 0.0
+
+
+def test_scalar_leaf_cannot_be_selected_and_steps_are_bounded():
+  algo = jaxprune.create("global_magnitude", sparsity=0.5, include=".*")
+  with pytest.raises(ValueError, match="scalar 's'"):
+    algo.init({"s": jnp.float32(0.001), "w": jnp.ones((4, 4))})
+  with pytest.raises(ValueError, match="end_step"):
+    jaxprune.create("rigl", sparsity=0.5, end_step=10**10)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import distributions, topk
-from jaxprune.masks import dense_mask
+from jaxprune.masks import dense_mask, random_scores
 from jaxprune.paths import path_str, pruned_leaves
 
 
@@ -82,12 +82,23 @@ def select(cfg, scores, pruned, keep):
   return jax.tree.map(leaf, scores, pruned, keep)
 
 
+def keep_counts(cfg, params, sparsities):
+  """Per-leaf kept counts ``n - floor(s n)``; the sparsities themselves for a
+  structured ``sparsity_type`` (what :func:`select` expects)."""
+  if cfg["sparsity_type"] != "unstructured":
+    return sparsities
+  return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)
+
+
+def all_true_init(cfg):
+  """``init`` for algorithms that start dense and prune later: all-True masks."""
+  def init(params):
+    pruned, _ = targets(cfg, params)
+    return full_masks(params, pruned), ()
+  return init
+
+
 def step_key(cfg, step):
   """Per-update randomness: ``fold_in(PRNGKey(seed), step)``."""
   return jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), step)
 
-
-def random_scores(key, params):
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x))
-                                      for i, x in enumerate(leaves)])

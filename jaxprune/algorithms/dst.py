@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxprune import config as config_lib
 from jaxprune import schedules, topk
 from jaxprune.algorithms import base
-from jaxprune.masks import is_pruned_mask
+from jaxprune.masks import is_pruned_mask, random_scores
 
 DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
 
@@ -88,10 +88,12 @@ def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
 
   def init(params):
     pruned, sparsities = base.targets(cfg, params)
-    scores = base.random_scores(base.step_key(cfg, 0), params)
-    keep = (sparsities if cfg["sparsity_type"] != "unstructured" else
-            jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities))
-    masks = base.select(cfg, scores, pruned, keep)
+    # A leaf left dense by the distribution (ERK re-balancing, sparsity 0) can
+    # never change under drop-and-grow: it gets a scalar-True mask and costs nothing.
+    if cfg["sparsity_type"] == "unstructured":
+      pruned = jax.tree.map(lambda sel, s: sel and s > 0.0, pruned, sparsities)
+    scores = random_scores(base.step_key(cfg, 0), params)
+    masks = base.select(cfg, scores, pruned, base.keep_counts(cfg, params, sparsities))
     changed = jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params)
     return masks, DSTState(jnp.float32(cfg["drop_fraction"]), changed, jnp.int32(0))
 
@@ -124,7 +126,7 @@ def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
 
 def _random_growth(key, params, grads):
   del grads
-  return base.random_scores(jax.random.fold_in(key, 1), params)
+  return random_scores(jax.random.fold_in(key, 1), params)
 
 
 def _gradient_growth(key, params, grads):

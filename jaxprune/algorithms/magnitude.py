@@ -23,13 +23,6 @@ def masked_magnitude(params, masks):
                       if is_pruned_mask(m) else jnp.abs(p), params, masks)
 
 
-def _init(cfg):
-  def init(params):
-    pruned, _ = base.targets(cfg, params)
-    return base.full_masks(params, pruned), ()
-  return init
-
-
 def magnitude(**config) -> base.Algorithm:
   """One-shot magnitude pruning at ``start_step`` (Han et al. 2015, "Learning
   both Weights and Connections"): each pruned leaf keeps its ``n - floor(s n)``
@@ -39,10 +32,10 @@ def magnitude(**config) -> base.Algorithm:
 
   def update(step, params, grads, masks, state):
     pruned, sparsities = base.targets(cfg, params)
-    keep = _final_keep(cfg, params, sparsities)
+    keep = base.keep_counts(cfg, params, sparsities)
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
-  return base.Algorithm("magnitude", cfg, _init(cfg), lambda step: step == cfg["start_step"], update)
+  return base.Algorithm("magnitude", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update)
 
 
 def gradual_magnitude(**config) -> base.Algorithm:
@@ -76,7 +69,7 @@ def gradual_magnitude(**config) -> base.Algorithm:
                           sparsities)
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
-  return base.Algorithm("gradual_magnitude", cfg, _init(cfg),
+  return base.Algorithm("gradual_magnitude", cfg, base.all_true_init(cfg),
                         schedules.periodic_updates(t0, t1, cfg["update_every"]), update)
 
 
@@ -112,7 +105,7 @@ def global_magnitude(**config) -> base.Algorithm:
 
   is_update = (schedules.periodic_updates(t0, t1, cfg["update_every"]) if t1 > t0
                else (lambda step: step == t0))
-  return base.Algorithm("global_magnitude", cfg, _init(cfg), is_update, update)
+  return base.Algorithm("global_magnitude", cfg, base.all_true_init(cfg), is_update, update)
 
 
 def _nm_ramp(cfg, params, masks, pruned, frac):
@@ -134,8 +127,3 @@ def _require_sparsity(name, cfg):
   if cfg["sparsity"] is None and cfg["sparsity_type"] == "unstructured":
     config_lib.require(name, cfg, "sparsity")
 
-
-def _final_keep(cfg, params, sparsities):
-  if cfg["sparsity_type"] != "unstructured":
-    return sparsities
-  return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)

@@ -5,16 +5,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import topk
 from jaxprune.algorithms import base
+from jaxprune.masks import random_scores
 
 
 def _random_masks(cfg, params, step):
   pruned, sparsities = base.targets(cfg, params)
-  scores = base.random_scores(base.step_key(cfg, step), params)
-  keep = sparsities if cfg["sparsity_type"] != "unstructured" else jax.tree.map(
-      lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)
-  return base.select(cfg, scores, pruned, keep)
+  scores = random_scores(base.step_key(cfg, step), params)
+  return base.select(cfg, scores, pruned, base.keep_counts(cfg, params, sparsities))
 
 
 def random(**config) -> base.Algorithm:
@@ -25,15 +23,11 @@ def random(**config) -> base.Algorithm:
   if cfg["sparsity_type"] == "unstructured":
     config_lib.require("random", cfg, "sparsity")
 
-  def init(params):
-    pruned, _ = base.targets(cfg, params)
-    return base.full_masks(params, pruned), ()
-
   def update(step, params, grads, masks, state):
     new = _random_masks(cfg, params, step)
     return jax.tree.map(lambda n, m: n & m, new, masks), state
 
-  return base.Algorithm("random", cfg, init, lambda step: step == cfg["start_step"], update)
+  return base.Algorithm("random", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update)
 
 
 def static(**config) -> base.Algorithm:
