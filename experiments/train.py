@@ -476,6 +476,9 @@ def build(config) -> Setup:
     spec = data.get_spec(config)
     train_source = load_split(config, spec.train_split)
     test_source = load_split(config, spec.eval_split)
+    if config.get("num_classes") is not None and config.num_classes != train_source.num_classes:
+        raise ConfigError(f"config.num_classes={config.num_classes} but the dataset has "
+                          f"{train_source.num_classes} classes")
     model = models.get_model(config, num_classes=train_source.num_classes)
     schedule = common.learning_rate_schedule(config)
     tx = jaxprune.sparsify(common.optimizer(config, schedule), algorithm)
@@ -565,7 +568,7 @@ def final_result(setup: Setup, state: TrainState, evaluation: dict, start: int,
     config = setup.config
     params = to_host(state.params)
     masks = to_host(jaxprune.get_masks(state.opt_state))
-    table = jaxprune.summary(params)
+    table = jaxprune.summary(params, algorithm=setup.algorithm)
     selection = pruned_selection(params, masks)
     measured = [(np.size(p), np.count_nonzero(p)) for p, s in
                 zip(jax.tree.leaves(params), jax.tree.leaves(selection)) if s]

@@ -115,7 +115,7 @@ def from_bcoo(tree):
 # Compressed N:M.
 
 
-def nm_compress(w, n: int, m: int, axis: int = 0, mask=None):
+def nm_compress(w, n: int, m: int, axis: int = -2, mask=None):
   """Compresses an N:M-sparse array to ``(values, indices)``.
 
   Along ``axis``, every group of ``m`` consecutive entries keeps ``n``:
@@ -127,7 +127,8 @@ def nm_compress(w, n: int, m: int, axis: int = 0, mask=None):
   Args:
     w: array whose ``axis`` length is divisible by ``m``.
     n, m: the pattern (``1 <= n <= m <= 256``).
-    axis: the grouping axis (0 for Dense ``(in, out)`` kernels; -2 for Conv).
+    axis: the grouping axis (default -2: axis 0 of Dense ``(in, out)`` kernels, the
+      input-channel axis of Conv ``(H, W, in, out)`` kernels), as in :mod:`jaxprune.structured`.
     mask: optional bool array of ``w``'s shape.
 
   Raises:
@@ -170,7 +171,7 @@ def _nm_compress_impl(w, keep, n, m, ax):
   return vals, idx
 
 
-def nm_decompress(values, indices, n: int, m: int, axis: int = 0):
+def nm_decompress(values, indices, n: int, m: int, axis: int = -2):
   """Inverse of :func:`nm_compress`: the dense array (zeros where not kept)."""
   values, indices = jnp.asarray(values), jnp.asarray(indices)
   n, m = int(n), int(m)

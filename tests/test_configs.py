@@ -177,3 +177,13 @@ def test_configs_are_accepted_by_jaxprune(name):
     if registry is not None and config.algorithm not in registry:
         pytest.skip(f"jaxprune has no {config.algorithm!r} algorithm yet")
     jaxprune.create(config.algorithm, **common.create_kwargs(config))
+
+
+def test_every_create_key_is_a_config_key():
+    """Any jaxprune.create key can be set under --config. (the lists cannot drift)."""
+    import jaxprune.config as jcfg
+    from experiments.configs import common as cfg_common
+    keys = set(jcfg.COMMON_KEYS) | {"axis", "initial_sparsity", "power"}
+    assert keys - {"seed"} <= set(cfg_common.ALGORITHM_KEYS)
+    c = cfg_common.base_config("x")
+    assert all(k in c for k in keys)

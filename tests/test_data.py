@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 tfds = pytest.importorskip("tensorflow_datasets")
-PIL_Image = pytest.importorskip("PIL.Image")
+import PIL.Image as PIL_Image
 
 from experiments import data  # noqa: E402
 from experiments.datasets import augment, digits, fashion_mnist_local  # noqa: E402

@@ -249,8 +249,9 @@ def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     assert train.truncate_metrics(path, 20) == 0
 
 
-def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path):
-    """A real SIGTERM to a training subprocess, then the same command again,
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_resume_is_bit_identical(tmp_path, sig):
+    """A real SIGTERM (or SIGINT) to a training subprocess, then the same command again,
     ends with exactly the params, masks and optimizer state of a run that was
     never stopped."""
     steps = ["--config.steps=300", "--config.checkpoint_every=100", "--config.eval_every=100"]
@@ -270,11 +271,11 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path):
                                                for line in open(metrics) if line.endswith("\n")):
                 break
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     output = (tmp_path / "log.txt").read_text()
-    assert rc == 128 + signal.SIGTERM, output
-    assert "stopped by SIGTERM" in output
+    assert rc == 128 + sig, output
+    assert f"stopped by {signal.Signals(sig).name}" in output
     saved, _ = load_checkpoint(stopped)
     assert 20 <= saved < 300
     assert all(r["step"] <= saved for r in read_metrics(stopped))

@@ -25,7 +25,7 @@ from ml_collections import config_dict
 
 # Keys of `jaxprune.create(config.algorithm, **kwargs)` (plus `seed`).
 ALGORITHM_KEYS = ("sparsity", "distribution", "include", "start_step", "end_step",
-                  "update_every", "drop_fraction", "sparsity_type", "initial_sparsity", "power")
+                  "update_every", "drop_fraction", "sparsity_type", "initial_sparsity", "power", "axis")
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -83,6 +83,7 @@ def base_config(name: str) -> ml_collections.ConfigDict:
     c.sparsity_type = config_dict.placeholder(str)  # unstructured | "N:M" ...
     c.initial_sparsity = config_dict.placeholder(float)  # gradual_magnitude only.
     c.power = config_dict.placeholder(float)  # gradual_magnitude only.
+    c.axis = config_dict.placeholder(int)  # grouping axis of a structured sparsity_type.
     return c
 
 
