@@ -335,6 +335,20 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_deleted(smoke, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
+def test_smoke_on_real_offline_fashion_mnist(tmp_path):
+    """A few dozen steps on the real Fashion-MNIST, through the local TFDS builder."""
+    from experiments import data
+    from experiments.datasets import fashion_mnist_local
+    if not fashion_mnist_local.source_files_present(data.FASHION_MNIST_DIR):
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    config = tiny_config(tmp_path / "run", "--config.dataset=fashion_mnist", "--config.steps=40",
+                         f"--config.data_dir={tmp_path / 'data'}", "--config.eval_batch_size=500")
+    _, result, text = run_quiet(config)
+    assert "tfds fashion_mnist_local" in text
+    assert result["steps"] == 40 and result["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_rigl_on_real_fashion_mnist(tmp_path):
     """The command-line recipe on the real offline Fashion-MNIST (TFDS path)."""
