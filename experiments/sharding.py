@@ -49,6 +49,9 @@ def make_mesh(model_parallel: bool = False,
     """A ("data", "model") mesh over `devices` (default: every visible device)."""
     devices = list(jax.devices() if devices is None else devices)
     m = model_axis_size(len(devices), model_parallel)
+    if model_parallel and m == 1:
+        print(f"warning: model_parallel=True but {len(devices)} device(s) give a model axis of 1; "
+              "parameters are replicated", flush=True)
     shape = (len(devices) // m, m)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
