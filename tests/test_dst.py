@@ -238,3 +238,11 @@ def test_factored_optimizer_state_is_handled_without_crashing():
   params, state, losses = train(tx, params, loss_fn, 12)
   assert_zeros_where_masked(params, jaxprune.get_masks(state))
   assert np.isfinite(losses[-1]) and losses[-1] < losses[0]
+
+
+def test_leaf_left_dense_by_erk_keeps_a_full_mask_and_total_meets_target():
+  params = {"a": jnp.ones((100, 100)), "b": jnp.ones((2, 2))}
+  masks, _ = jaxprune.create("rigl", sparsity=0.1, end_step=10).init(params)
+  assert masks["b"].shape == (2, 2) and bool(np.all(masks["b"]))
+  kept = int(np.sum(masks["a"])) + int(np.sum(masks["b"]))
+  assert abs(kept - 0.9 * 10004) <= 2  # ERK keeps the uniform total

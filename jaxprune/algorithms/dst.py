@@ -87,11 +87,10 @@ def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
   drop_schedule = schedules.cosine_drop_fraction(cfg["drop_fraction"], t1)
 
   def init(params):
+    # Every selected leaf gets a full-shape mask, also one that ERK leaves
+    # dense: the mask's shape says which leaves the algorithm prunes, and the
+    # kernels' overall sparsity is the target.
     pruned, sparsities = base.targets(cfg, params)
-    # A leaf left dense by the distribution (ERK re-balancing, sparsity 0) can
-    # never change under drop-and-grow: it gets a scalar-True mask and costs nothing.
-    if cfg["sparsity_type"] == "unstructured":
-      pruned = jax.tree.map(lambda sel, s: sel and s > 0.0, pruned, sparsities)
     scores = random_scores(base.step_key(cfg, 0), params)
     masks = base.select(cfg, scores, pruned, base.keep_counts(cfg, params, sparsities))
     changed = jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params)
