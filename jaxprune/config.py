@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numbers
-import re
 from typing import Any, Mapping
+
+from jaxprune.paths import include_fn
 
 COMMON_KEYS = ("sparsity", "distribution", "include", "start_step", "end_step", "update_every",
                "drop_fraction", "seed", "sparsity_type")
@@ -71,15 +72,14 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   dist = cfg["distribution"]
   if not (dist in ("uniform", "erk") or callable(dist)):
     raise ValueError(f"distribution must be 'uniform', 'erk' or a callable, got {dist!r}")
-  inc = cfg["include"]
-  if isinstance(inc, str):
-    try:
-      re.compile(inc)
-    except re.error as e:
-      raise ValueError(f"include: {inc!r} is not a valid regular expression: {e}") from None
-  elif not (inc is None or callable(inc)):
-    raise TypeError(f"include must be None, a regex string or a callable, got {inc!r}")
+  include_fn(cfg["include"])  # raises for a bad regex or type, naming `include`
   return cfg
+
+
+def require_sparsity(name: str, cfg: Mapping[str, Any]) -> None:
+  """``sparsity`` is required unless an N:M-like ``sparsity_type`` implies it."""
+  if cfg["sparsity_type"] == "unstructured":
+    require(name, cfg, "sparsity")
 
 
 def require(name: str, cfg: Mapping[str, Any], *keys: str) -> None:

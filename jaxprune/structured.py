@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.topk import keep_count, topk_mask
+from jaxprune.masks import keep_count_of
+from jaxprune.topk import topk_mask
 
 __all__ = [
     "SparsityType",
@@ -224,21 +225,16 @@ def _rank_key(scores: jax.Array) -> jax.Array:
 
 
 def _count_to_keep(n_groups: int, sparsity) -> jax.Array | int:
-  """``G - floor(s * G)``; exact Python arithmetic when ``sparsity`` is concrete."""
+  """``G - floor(s * G)`` (:func:`jaxprune.masks.keep_count_of`), with ``s`` checked
+  when concrete and clipped to [0, 1] when traced."""
   if sparsity is None:
     raise ValueError("sparsity is required for block, neuron and channel masks (got None)")
-  try:
-    s = float(sparsity)
-  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    s = None
-  if s is not None:
-    if not 0.0 <= s <= 1.0:
-      raise ValueError(f"sparsity must be in [0, 1], got {s}")
-    return keep_count(n_groups, s)
-  # Traced sparsity: the same rule in float32 (the float64 product of the static
-  # path can differ in the last ulp for a handful of (s, G) pairs).
-  s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
-  return n_groups - jnp.floor(s * n_groups).astype(jnp.int32)
+  if isinstance(sparsity, jax.core.Tracer):
+    return keep_count_of(n_groups, jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0))
+  s = float(sparsity)
+  if not 0.0 <= s <= 1.0:
+    raise ValueError(f"sparsity must be in [0, 1], got {s}")
+  return keep_count_of(n_groups, s)
 
 
 def _keep_highest(scores: jax.Array, k) -> jax.Array:

@@ -80,8 +80,7 @@ def replace_connections(mask, weights, grow_scores, drop_fraction):
 
 def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
   cfg = config_lib.validate(name, config, DEFAULTS)
-  if cfg["sparsity_type"] == "unstructured":
-    config_lib.require(name, cfg, "sparsity")
+  config_lib.require_sparsity(name, cfg)
   config_lib.require(name, cfg, "end_step")
   t0, t1, every = cfg["start_step"], cfg["end_step"], cfg["update_every"]
   drop_schedule = schedules.cosine_drop_fraction(cfg["drop_fraction"], t1)

@@ -28,7 +28,7 @@ def magnitude(**config) -> base.Algorithm:
   both Weights and Connections"): each pruned leaf keeps its ``n - floor(s n)``
   largest-magnitude entries, with ``s`` from ``distribution``."""
   cfg = config_lib.validate("magnitude", config, DEFAULTS)
-  _require_sparsity("magnitude", cfg)
+  config_lib.require_sparsity("magnitude", cfg)
 
   def update(step, params, grads, masks, state):
     pruned, sparsities = base.targets(cfg, params)
@@ -49,7 +49,7 @@ def gradual_magnitude(**config) -> base.Algorithm:
   """
   cfg = config_lib.validate("gradual_magnitude", config, DEFAULTS,
                             extra_keys=dict(initial_sparsity=0.0, power=3.0))
-  _require_sparsity("gradual_magnitude", cfg)
+  config_lib.require_sparsity("gradual_magnitude", cfg)
   config_lib.require("gradual_magnitude", cfg, "end_step")
   s_i = config_lib.fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
   if isinstance(cfg["power"], bool) or not isinstance(cfg["power"], (int, float)) or not cfg["power"] > 0:
@@ -83,7 +83,7 @@ def global_magnitude(**config) -> base.Algorithm:
   ``distribution`` does not apply.
   """
   cfg = config_lib.validate("global_magnitude", config, DEFAULTS)
-  _require_sparsity("global_magnitude", cfg)
+  config_lib.require_sparsity("global_magnitude", cfg)
   if cfg["sparsity_type"] != "unstructured":
     raise ValueError("global_magnitude: sparsity_type must be 'unstructured' "
                      f"(one threshold across leaves), got {cfg['sparsity_type']!r}")
@@ -121,9 +121,3 @@ def _nm_ramp(cfg, params, masks, pruned, frac):
   scores = masked_magnitude(params, masks)
   return jax.tree.map(lambda s, sel, m: structured.nm_mask_from_scores(s, n_t, st.m, cfg["axis"] if cfg["axis"] is not None else -2)
                       if sel else m, scores, pruned, masks)
-
-
-def _require_sparsity(name, cfg):
-  if cfg["sparsity"] is None and cfg["sparsity_type"] == "unstructured":
-    config_lib.require(name, cfg, "sparsity")
-

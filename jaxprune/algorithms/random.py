@@ -20,8 +20,7 @@ def random(**config) -> base.Algorithm:
   uniformly random subset of exactly ``n - floor(s n)`` entries (the baseline
   of Liu et al. 2022, "The Unreasonable Effectiveness of Random Pruning")."""
   cfg = config_lib.validate("random", config, dict(distribution="uniform"))
-  if cfg["sparsity_type"] == "unstructured":
-    config_lib.require("random", cfg, "sparsity")
+  config_lib.require_sparsity("random", cfg)
 
   def update(step, params, grads, masks, state):
     new = _random_masks(cfg, params, step)
@@ -34,8 +33,7 @@ def static(**config) -> base.Algorithm:
   """Static sparse training: random masks at initialisation, fixed forever
   (the "Static" baseline of Evci et al. 2020; ERK by default)."""
   cfg = config_lib.validate("static", config, dict(distribution="erk"))
-  if cfg["sparsity_type"] == "unstructured":
-    config_lib.require("static", cfg, "sparsity")
+  config_lib.require_sparsity("static", cfg)
   init = lambda params: (_random_masks(cfg, params, 0), ())
   return base.Algorithm("static", cfg, init, base.never, base.no_update, changes_masks=False)
 
