@@ -51,7 +51,8 @@ def interleaved(fns: dict, rounds: int, reps: int = 1) -> dict:
   Each fn runs ``reps`` times per timing and must block until its result is ready.
   """
   for fn in fns.values():  # compile and warm up
-    fn(); fn()
+    fn()
+    fn()
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():

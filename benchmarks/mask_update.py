@@ -14,9 +14,9 @@ import argparse
 
 import jax
 import optax
+from common import interleaved, make_step, setup
 
 import jaxprune
-from common import interleaved, make_step, setup
 
 
 def main():

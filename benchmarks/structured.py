@@ -20,8 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from common import MLP, interleaved
+
 from jaxprune.compact import compact
 from jaxprune.export import to_bcoo
 from jaxprune.structured import structured_mask

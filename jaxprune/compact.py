@@ -242,13 +242,13 @@ def _classify(name: str, params, batch_stats) -> _Layer:
 
 
 def _check_coverage(layers: Sequence[_Layer], params, batch_stats):
-  prefixes = [l.keys for l in layers]
+  prefixes = [layer.keys for layer in layers]
   for tree, what in ((params, "parameter"), (batch_stats, "batch_stats entry")):
     for path in _leaf_paths(tree):
       keys = _split(path)
       if not any(keys[:len(pre)] == pre for pre in prefixes):
         raise ValueError(f"compact: {what} {path!r} belongs to no layer of the chain "
-                         f"{[l.name for l in layers]}. " + _CHAIN_HELP)
+                         f"{[layer.name for layer in layers]}. " + _CHAIN_HELP)
 
 
 def _mask_of(masks, keys, leaf):

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-
 from jax.experimental.shard_alike import shard_alike
 
 from jaxprune.algorithms.base import Algorithm

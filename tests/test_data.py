@@ -12,11 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 tfds = pytest.importorskip("tensorflow_datasets")
-import PIL.Image as PIL_Image
+import PIL.Image as PIL_Image  # noqa: E402
 
 from experiments import data  # noqa: E402
 from experiments.datasets import augment, digits, fashion_mnist_local  # noqa: E402
-
 
 # ------------------------------------------------------------ tiny local datasets
 

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from helpers import tiny_problem, train
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jaxprune
 from jaxprune import schedules
-from helpers import tiny_problem, train
 
 
 def test_erk_hand_computed():

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from helpers import assert_zeros_where_masked, tiny_problem, train
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxprune
 from jaxprune.algorithms.dst import replace_connections
-from helpers import assert_zeros_where_masked, tiny_problem, train
 
 shapes = st.lists(st.integers(1, 8), min_size=1, max_size=3).map(tuple)
 

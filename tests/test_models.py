@@ -8,7 +8,6 @@ import pytest
 
 from experiments import models
 
-
 # The "rbg" generator compiles much faster than threefry on CPU; the random
 # initialisers behave the same.
 RBG_KEY = jax.random.key(0, impl="rbg")

@@ -9,11 +9,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+from test_train import REPO, TINY, compile_cache, run_quiet, subprocess_env, tiny_config  # noqa: F401 (fixture)
 
 import jaxprune
-from jax.sharding import PartitionSpec as P
-from test_train import (REPO, TINY, compile_cache, run_quiet,  # noqa: F401 (fixture)
-                        subprocess_env, tiny_config)
 
 DEVICES = 4
 CNN_KWARGS = {"channels": (4,), "hidden": 16}

@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_zeros_where_masked, tiny_problem, train
 
 import jaxprune
-from helpers import assert_zeros_where_masked, tiny_problem, train
 
 OPTIMIZERS = {
     "sgd": lambda: optax.sgd(0.1),

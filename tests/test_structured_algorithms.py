@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_zeros_where_masked, tiny_problem, train
 
 import jaxprune
 from jaxprune.structured import group_counts
-from helpers import assert_zeros_where_masked, tiny_problem, train
 
 
 def test_gradual_nm_ramps_by_steps_of_the_pattern():

@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
+from test_train import CONFIG, TINY, compile_cache  # noqa: F401 (fixture)
 
 from experiments import plots, sweep
-from test_train import CONFIG, TINY, compile_cache  # noqa: F401 (fixture)
 
 
 def row(algorithm, sparsity, seed, accuracy):
@@ -66,7 +66,7 @@ def test_plots_write_png_files(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):
+def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):  # noqa: F811
     workdir, results = str(tmp_path / "sweep"), str(tmp_path / "results")
     # TINY's settings after the recipe's, so RigL's programs are those of
     # test_train's runs (compiled once per session).

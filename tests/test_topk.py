@@ -3,8 +3,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxprune
 from jaxprune.topk import keep_count, topk_mask, topk_masks

@@ -5,9 +5,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import assert_zeros_where_masked
 
 import jaxprune
-from helpers import assert_zeros_where_masked
 
 
 def _run(params, loss_fn, algo, steps=6):

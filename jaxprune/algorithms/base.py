@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import distributions, topk
-from jaxprune.masks import dense_mask, random_scores
+from jaxprune.masks import dense_mask
 from jaxprune.paths import path_str, pruned_leaves
 
 
