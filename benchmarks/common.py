@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: the MLP, a batch, and interleaved timing."""
+
 from __future__ import annotations
 
 import time
@@ -12,6 +13,7 @@ import optax
 
 class MLP(nn.Module):
   """784-1024-1024-10 ReLU MLP."""
+
   features: tuple = (1024, 1024, 10)
 
   @nn.compact
@@ -33,6 +35,7 @@ def setup(batch_size: int = 256, seed: int = 0):
 
 def make_step(model, tx):
   """A jitted training step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
+
   def loss_fn(params, batch):
     x, y = batch
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y).mean()
@@ -42,6 +45,7 @@ def make_step(model, tx):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
   return step
 
 

@@ -8,6 +8,7 @@ layer, inside the jitted step.
 
     python benchmarks/mask_update.py [--rounds 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,16 @@ def main():
   # update_every=1: every step of "rigl_update"/"set_update" updates the masks;
   # "rigl_plain" never does within the timed window.
   variants = {
-      "dense": optax.adam(1e-3),
-      "rigl_update": jaxprune.sparsify(optax.adam(1e-3), jaxprune.create(
-          "rigl", sparsity=0.9, update_every=1, end_step=10**9)),
-      "set_update": jaxprune.sparsify(optax.adam(1e-3), jaxprune.create(
-          "set", sparsity=0.9, update_every=1, end_step=10**9)),
-      "rigl_plain": jaxprune.sparsify(optax.adam(1e-3), jaxprune.create(
-          "rigl", sparsity=0.9, update_every=10**8, end_step=10**9)),
+    "dense": optax.adam(1e-3),
+    "rigl_update": jaxprune.sparsify(
+      optax.adam(1e-3), jaxprune.create("rigl", sparsity=0.9, update_every=1, end_step=10**9)
+    ),
+    "set_update": jaxprune.sparsify(
+      optax.adam(1e-3), jaxprune.create("set", sparsity=0.9, update_every=1, end_step=10**9)
+    ),
+    "rigl_plain": jaxprune.sparsify(
+      optax.adam(1e-3), jaxprune.create("rigl", sparsity=0.9, update_every=10**8, end_step=10**9)
+    ),
   }
   steps, state = {}, {}
   for name, tx in variants.items():
@@ -47,6 +51,7 @@ def main():
       p, s, loss = steps[name](*state[name], batch)
       loss.block_until_ready()
       state[name] = (p, s)
+
     return fn
 
   med = interleaved({name: run(name) for name in variants}, rounds=args.rounds)

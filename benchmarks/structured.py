@@ -11,6 +11,7 @@
 
 Batch sizes 1 and 256. The last line is the headline figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def mlp_params(rng):
   params = {}
   for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
     params[f"Dense_{i}"] = {
-        "kernel": jnp.asarray(rng.normal(size=(a, b)) / math.sqrt(a), jnp.float32),
-        "bias": jnp.asarray(rng.normal(size=b) * 0.1, jnp.float32)}
+      "kernel": jnp.asarray(rng.normal(size=(a, b)) / math.sqrt(a), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=b) * 0.1, jnp.float32),
+    }
   return params
 
 
@@ -48,13 +50,22 @@ def bench_compact(rng, rounds):
   big = MLP(SIZES[1:])
   headline = None
   print("== compacted vs masked dense MLP 784-2048-2048-10 (neuron sparsity) ==")
-  print(f"{'sparsity':>8} {'batch':>5} {'masked ms':>10} {'compact ms':>10} {'speedup':>8} {'ideal':>6}")
+  print(
+    f"{'sparsity':>8} {'batch':>5} {'masked ms':>10} {'compact ms':>10} {'speedup':>8} {'ideal':>6}"
+  )
   for sparsity in (0.5, 0.75):
     last = f"Dense_{len(SIZES) - 2}"
-    masks = {name: {"kernel": (jnp.asarray(True) if name == last else
-                               structured_mask(jnp.abs(layer["kernel"]), sparsity, "neuron")),
-                    "bias": jnp.asarray(True)}
-             for name, layer in params.items()}
+    masks = {
+      name: {
+        "kernel": (
+          jnp.asarray(True)
+          if name == last
+          else structured_mask(jnp.abs(layer["kernel"]), sparsity, "neuron")
+        ),
+        "bias": jnp.asarray(True),
+      }
+      for name, layer in params.items()
+    }
     masked = jax.tree.map(lambda p, m: p * m, params, masks)
     out = compact(params, masks)
     small = MLP(tuple(out.widths))
@@ -64,15 +75,23 @@ def bench_compact(rng, rounds):
     for batch in (1, 256):
       x = jnp.asarray(rng.normal(size=(batch, SIZES[0])), jnp.float32)
       np.testing.assert_allclose(f_small(out.params, x), f_big(masked, x), atol=1e-4)
-      t = interleaved({"masked": lambda: f_big(masked, x).block_until_ready(),
-                       "compact": lambda: f_small(out.params, x).block_until_ready()},
-                      rounds, reps=50 if batch == 1 else 2)
+      t = interleaved(
+        {
+          "masked": lambda: f_big(masked, x).block_until_ready(),
+          "compact": lambda: f_small(out.params, x).block_until_ready(),
+        },
+        rounds,
+        reps=50 if batch == 1 else 2,
+      )
       speedup = t["masked"] / t["compact"]
-      print(f"{sparsity:8.0%} {batch:5d} {t['masked'] * 1e3:10.3f} {t['compact'] * 1e3:10.3f} "
-            f"{speedup:7.2f}x {ideal:5.1f}x")
+      print(
+        f"{sparsity:8.0%} {batch:5d} {t['masked'] * 1e3:10.3f} {t['compact'] * 1e3:10.3f} "
+        f"{speedup:7.2f}x {ideal:5.1f}x"
+      )
       if sparsity == 0.75 and batch == 256:
-        headline = (f"compacted 75% neuron sparsity, batch 256: speedup {speedup:.1f}x "
-                    f"(ideal {ideal:.1f}x)")
+        headline = (
+          f"compacted 75% neuron sparsity, batch 256: speedup {speedup:.1f}x (ideal {ideal:.1f}x)"
+        )
   return headline
 
 
@@ -89,12 +108,19 @@ def bench_bcoo(rng, rounds):
     for batch in (1, 256):
       x = jnp.asarray(rng.normal(size=(batch, n)), jnp.float32)
       np.testing.assert_allclose(matmul(x, ws), matmul(x, wm), rtol=1e-3, atol=1e-3)
-      t = interleaved({"dense": lambda: matmul(x, wm).block_until_ready(),
-                       "bcoo": lambda: matmul(x, ws).block_until_ready()},
-                      rounds, reps=20 if batch == 1 else 1)
+      t = interleaved(
+        {
+          "dense": lambda: matmul(x, wm).block_until_ready(),
+          "bcoo": lambda: matmul(x, ws).block_until_ready(),
+        },
+        rounds,
+        reps=20 if batch == 1 else 1,
+      )
       ratio = t["dense"] / t["bcoo"]
       kind = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-      print(f"{sparsity:8.0%} {batch:5d} {t['dense'] * 1e3:10.3f} {t['bcoo'] * 1e3:10.3f} {kind:>14}")
+      print(
+        f"{sparsity:8.0%} {batch:5d} {t['dense'] * 1e3:10.3f} {t['bcoo'] * 1e3:10.3f} {kind:>14}"
+      )
 
 
 def main():
@@ -103,8 +129,10 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   rng = np.random.default_rng(args.seed)
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{jax.device_count()} device(s), rounds={args.rounds}")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, "
+    f"{jax.device_count()} device(s), rounds={args.rounds}"
+  )
   start = time.perf_counter()
   bench_bcoo(rng, args.rounds)
   headline = bench_compact(rng, args.rounds)

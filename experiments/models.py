@@ -35,194 +35,200 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def _batch_norm(train: bool, dtype: Any, **kwargs) -> ModuleDef:
-    return functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=dtype, **kwargs)
+  return functools.partial(
+    nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, **kwargs
+  )
 
 
 class MLP(nn.Module):
-    """Flatten, then Dense + ReLU for each width in `features`, then Dense logits."""
+  """Flatten, then Dense + ReLU for each width in `features`, then Dense logits."""
 
-    features: Sequence[int] = (300, 100)
-    num_classes: int = 10
-    dtype: Any = jnp.float32
+  features: Sequence[int] = (300, 100)
+  num_classes: int = 10
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train  # No BatchNorm or dropout; accepted for a uniform signature.
-        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
-        for width in self.features:
-            x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # No BatchNorm or dropout; accepted for a uniform signature.
+    x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+    for width in self.features:
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 class CNN(nn.Module):
-    """[Conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool] per entry of `channels`,
-    then Dense(`hidden`) + ReLU and Dense logits."""
+  """[Conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool] per entry of `channels`,
+  then Dense(`hidden`) + ReLU and Dense logits."""
 
-    channels: Sequence[int] = (32, 64)
-    hidden: int = 128
-    num_classes: int = 10
-    dtype: Any = jnp.float32
+  channels: Sequence[int] = (32, 64)
+  hidden: int = 128
+  num_classes: int = 10
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        norm = _batch_norm(train, self.dtype)
-        x = x.astype(self.dtype)
-        for c in self.channels:
-            x = nn.Conv(c, (3, 3), use_bias=False, kernel_init=conv_init,
-                        dtype=self.dtype)(x)
-            x = nn.relu(norm()(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = _batch_norm(train, self.dtype)
+    x = x.astype(self.dtype)
+    for c in self.channels:
+      x = nn.Conv(c, (3, 3), use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
+      x = nn.relu(norm()(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 class WideBlock(nn.Module):
-    """Pre-activation wide residual block: (BN, ReLU, conv3x3) x 2 plus shortcut."""
+  """Pre-activation wide residual block: (BN, ReLU, conv3x3) x 2 plus shortcut."""
 
-    filters: int
-    strides: int
-    norm: ModuleDef
-    dtype: Any = jnp.float32
+  filters: int
+  strides: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init,
-                                 dtype=self.dtype)
-        y = nn.relu(self.norm()(x))
-        shortcut = x
-        if x.shape[-1] != self.filters or self.strides != 1:
-            # Projection from the pre-activated input, as in the reference WRN.
-            shortcut = conv(self.filters, (1, 1), (self.strides, self.strides),
-                            name="shortcut")(y)
-        y = conv(self.filters, (3, 3), (self.strides, self.strides))(y)
-        y = nn.relu(self.norm()(y))
-        y = conv(self.filters, (3, 3))(y)
-        return y + shortcut
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    y = nn.relu(self.norm()(x))
+    shortcut = x
+    if x.shape[-1] != self.filters or self.strides != 1:
+      # Projection from the pre-activated input, as in the reference WRN.
+      shortcut = conv(self.filters, (1, 1), (self.strides, self.strides), name="shortcut")(y)
+    y = conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = nn.relu(self.norm()(y))
+    y = conv(self.filters, (3, 3))(y)
+    return y + shortcut
 
 
 class WideResNet(nn.Module):
-    """WRN-`depth`-`width` for 32x32 inputs; depth = 6n + 4 (n blocks per group)."""
+  """WRN-`depth`-`width` for 32x32 inputs; depth = 6n + 4 (n blocks per group)."""
 
-    depth: int = 22
-    width: int = 2
-    num_classes: int = 10
-    dtype: Any = jnp.float32
+  depth: int = 22
+  width: int = 2
+  num_classes: int = 10
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if (self.depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}.")
-        blocks = (self.depth - 4) // 6
-        norm = _batch_norm(train, self.dtype)
-        x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=conv_init,
-                    dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
-        for group, filters in enumerate((16 * self.width, 32 * self.width,
-                                         64 * self.width)):
-            for i in range(blocks):
-                strides = 2 if group > 0 and i == 0 else 1
-                x = WideBlock(filters, strides, norm, self.dtype)(x)
-        x = nn.relu(norm(name="final_bn")(x))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}.")
+    blocks = (self.depth - 4) // 6
+    norm = _batch_norm(train, self.dtype)
+    x = nn.Conv(
+      16, (3, 3), use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="stem_conv"
+    )(x.astype(self.dtype))
+    for group, filters in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
+      for i in range(blocks):
+        strides = 2 if group > 0 and i == 0 else 1
+        x = WideBlock(filters, strides, norm, self.dtype)(x)
+    x = nn.relu(norm(name="final_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+  """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
 
-    filters: int
-    strides: int
-    norm: ModuleDef
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
+  filters: int
+  strides: int
+  norm: ModuleDef
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init,
-                                 dtype=self.dtype)
-        last_scale = nn.initializers.zeros if self.zero_init_residual else \
-            nn.initializers.ones
-        y = conv(self.filters, (3, 3), (self.strides, self.strides))(x)
-        y = nn.relu(self.norm()(y))
-        y = conv(self.filters, (3, 3))(y)
-        y = self.norm(scale_init=last_scale)(y)
-        if x.shape[-1] != self.filters or self.strides != 1:
-            x = conv(self.filters, (1, 1), (self.strides, self.strides),
-                     name="shortcut_conv")(x)
-            x = self.norm(name="shortcut_bn")(x)
-        return nn.relu(x + y)
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(self.norm()(y))
+    y = conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=last_scale)(y)
+    if x.shape[-1] != self.filters or self.strides != 1:
+      x = conv(self.filters, (1, 1), (self.strides, self.strides), name="shortcut_conv")(x)
+      x = self.norm(name="shortcut_bn")(x)
+    return nn.relu(x + y)
 
 
 class BottleneckBlock(nn.Module):
-    """ResNet bottleneck: 1x1, 3x3 (strided), 1x1 (x4 expansion) plus shortcut."""
+  """ResNet bottleneck: 1x1, 3x3 (strided), 1x1 (x4 expansion) plus shortcut."""
 
-    filters: int
-    strides: int
-    norm: ModuleDef
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
+  filters: int
+  strides: int
+  norm: ModuleDef
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init,
-                                 dtype=self.dtype)
-        last_scale = nn.initializers.zeros if self.zero_init_residual else \
-            nn.initializers.ones
-        y = nn.relu(self.norm()(conv(self.filters, (1, 1))(x)))
-        y = conv(self.filters, (3, 3), (self.strides, self.strides))(y)
-        y = nn.relu(self.norm()(y))
-        y = self.norm(scale_init=last_scale)(conv(4 * self.filters, (1, 1))(y))
-        if x.shape[-1] != 4 * self.filters or self.strides != 1:
-            x = conv(4 * self.filters, (1, 1), (self.strides, self.strides),
-                     name="shortcut_conv")(x)
-            x = self.norm(name="shortcut_bn")(x)
-        return nn.relu(x + y)
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = nn.relu(self.norm()(conv(self.filters, (1, 1))(x)))
+    y = conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.norm(scale_init=last_scale)(conv(4 * self.filters, (1, 1))(y))
+    if x.shape[-1] != 4 * self.filters or self.strides != 1:
+      x = conv(4 * self.filters, (1, 1), (self.strides, self.strides), name="shortcut_conv")(x)
+      x = self.norm(name="shortcut_bn")(x)
+    return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
-    """ResNet with `stage_sizes` blocks per stage, widths num_filters * 2**stage.
+  """ResNet with `stage_sizes` blocks per stage, widths num_filters * 2**stage.
 
-    `stem="imagenet"`: 7x7/2 conv + 3x3/2 max-pool; `stem="cifar"`: one 3x3 conv.
-    `zero_init_residual` starts each block's last BatchNorm scale at zero
-    (Goyal et al., 2017), which helps very large batches.
-    """
+  `stem="imagenet"`: 7x7/2 conv + 3x3/2 max-pool; `stem="cifar"`: one 3x3 conv.
+  `zero_init_residual` starts each block's last BatchNorm scale at zero
+  (Goyal et al., 2017), which helps very large batches.
+  """
 
-    stage_sizes: Sequence[int]
-    block: str = "bottleneck"
-    num_classes: int = 1000
-    num_filters: int = 64
-    stem: str = "imagenet"
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
+  stage_sizes: Sequence[int]
+  block: str = "bottleneck"
+  num_classes: int = 1000
+  num_filters: int = 64
+  stem: str = "imagenet"
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        blocks = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
-        if self.block not in blocks:
-            raise ValueError(f"Unknown block {self.block!r}; one of {sorted(blocks)}.")
-        if self.stem not in ("imagenet", "cifar"):
-            raise ValueError(f"Unknown stem {self.stem!r}; 'imagenet' or 'cifar'.")
-        norm = _batch_norm(train, self.dtype)
-        x = x.astype(self.dtype)
-        if self.stem == "imagenet":
-            x = nn.Conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-                        use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                        name="stem_conv")(x)
-            x = nn.relu(norm(name="stem_bn")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        else:
-            x = nn.Conv(self.num_filters, (3, 3), use_bias=False,
-                        kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x)
-            x = nn.relu(norm(name="stem_bn")(x))
-        block_cls = blocks[self.block]
-        for stage, size in enumerate(self.stage_sizes):
-            for i in range(size):
-                strides = 2 if stage > 0 and i == 0 else 1
-                x = block_cls(self.num_filters * 2 ** stage, strides, norm,
-                              self.zero_init_residual, self.dtype)(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    blocks = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+    if self.block not in blocks:
+      raise ValueError(f"Unknown block {self.block!r}; one of {sorted(blocks)}.")
+    if self.stem not in ("imagenet", "cifar"):
+      raise ValueError(f"Unknown stem {self.stem!r}; 'imagenet' or 'cifar'.")
+    norm = _batch_norm(train, self.dtype)
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = nn.Conv(
+        self.num_filters,
+        (7, 7),
+        (2, 2),
+        padding=[(3, 3), (3, 3)],
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=self.dtype,
+        name="stem_conv",
+      )(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = nn.Conv(
+        self.num_filters,
+        (3, 3),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=self.dtype,
+        name="stem_conv",
+      )(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+    block_cls = blocks[self.block]
+    for stage, size in enumerate(self.stage_sizes):
+      for i in range(size):
+        strides = 2 if stage > 0 and i == 0 else 1
+        x = block_cls(
+          self.num_filters * 2**stage, strides, norm, self.zero_init_residual, self.dtype
+        )(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block="basic")
@@ -231,52 +237,51 @@ ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block="bottleneck")
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "wrn": WideResNet,
-    "resnet18": functools.partial(ResNet18, stem="cifar"),
-    "resnet34": functools.partial(ResNet34, stem="cifar"),
-    "resnet50": ResNet50,
-    "resnet101": ResNet101,
+  "mlp": MLP,
+  "cnn": CNN,
+  "wrn": WideResNet,
+  "resnet18": functools.partial(ResNet18, stem="cifar"),
+  "resnet34": functools.partial(ResNet34, stem="cifar"),
+  "resnet50": ResNet50,
+  "resnet101": ResNet101,
 }
 
 
 def _field(config: Any, key: str, default: Any = None) -> Any:
-    value = config.get(key, default) if hasattr(config, "get") else getattr(
-        config, key, default)
-    return default if value is None else value
+  value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+  return default if value is None else value
 
 
 def get_model(config: Any, num_classes: int | None = None) -> nn.Module:
-    """Builds `MODELS[config.model](num_classes=..., dtype=..., **config.model_kwargs)`.
+  """Builds `MODELS[config.model](num_classes=..., dtype=..., **config.model_kwargs)`.
 
-    `num_classes` defaults to `config.num_classes`; `config.dtype` ("float32",
-    "bfloat16", "float16") is the computation dtype (parameters stay float32).
-    ResNet-18/34 here use the CIFAR stem; pass `stem="imagenet"` in
-    `model_kwargs` for the ImageNet one.
-    """
-    name = _field(config, "model")
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; known: {sorted(MODELS)}.")
-    num_classes = num_classes or _field(config, "num_classes")
-    if not num_classes:
-        raise ValueError("num_classes is needed (argument or config.num_classes).")
-    dtype_name = _field(config, "dtype", "float32")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype_name!r}; one of {sorted(DTYPES)}.")
-    kwargs = _field(config, "model_kwargs", {})
-    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return MODELS[name](num_classes=int(num_classes), dtype=DTYPES[dtype_name],
-                        **kwargs)
+  `num_classes` defaults to `config.num_classes`; `config.dtype` ("float32",
+  "bfloat16", "float16") is the computation dtype (parameters stay float32).
+  ResNet-18/34 here use the CIFAR stem; pass `stem="imagenet"` in
+  `model_kwargs` for the ImageNet one.
+  """
+  name = _field(config, "model")
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; known: {sorted(MODELS)}.")
+  num_classes = num_classes or _field(config, "num_classes")
+  if not num_classes:
+    raise ValueError("num_classes is needed (argument or config.num_classes).")
+  dtype_name = _field(config, "dtype", "float32")
+  if dtype_name not in DTYPES:
+    raise ValueError(f"Unknown dtype {dtype_name!r}; one of {sorted(DTYPES)}.")
+  kwargs = _field(config, "model_kwargs", {})
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return MODELS[name](num_classes=int(num_classes), dtype=DTYPES[dtype_name], **kwargs)
 
 
-def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int],
-                   batch_size: int = 1) -> dict:
-    """`model.init` on zeros of shape (batch_size, *input_shape), eval mode.
+def init_variables(
+  model: nn.Module, rng: jax.Array, input_shape: Sequence[int], batch_size: int = 1
+) -> dict:
+  """`model.init` on zeros of shape (batch_size, *input_shape), eval mode.
 
-    Returns the variables dict: {"params": ...} and, with BatchNorm,
-    {"batch_stats": ...}.
-    """
-    x = jnp.zeros((batch_size, *input_shape), jnp.float32)
-    return jax.jit(functools.partial(model.init, train=False))(rng, x)
+  Returns the variables dict: {"params": ...} and, with BatchNorm,
+  {"batch_stats": ...}.
+  """
+  x = jnp.zeros((batch_size, *input_shape), jnp.float32)
+  return jax.jit(functools.partial(model.init, train=False))(rng, x)

@@ -25,77 +25,81 @@ DENSE = "dense"
 
 
 def _accuracies(rows: Iterable[dict]) -> dict:
-    out = collections.defaultdict(list)
-    for r in rows:
-        key = (r["algorithm"], None if r["algorithm"] == DENSE else r["target_sparsity"])
-        out[key].append(100.0 * r["test_accuracy"])
-    return out
+  out = collections.defaultdict(list)
+  for r in rows:
+    key = (r["algorithm"], None if r["algorithm"] == DENSE else r["target_sparsity"])
+    out[key].append(100.0 * r["test_accuracy"])
+  return out
 
 
 def accuracy_vs_sparsity(rows: Sequence[dict], path: str, title: str = "") -> str:
-    """Writes the accuracy-vs-sparsity plot to `path`; returns `path`."""
-    acc = _accuracies(rows)
-    sparsities = sorted({s for (_, s) in acc if s is not None})
-    algorithms = sorted({a for (a, s) in acc if s is not None}, key=str)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    x = np.arange(len(sparsities))
-    if (DENSE, None) in acc:
-        values = np.asarray(acc[(DENSE, None)])
-        mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
-        ax.axhline(mean, color="black", linestyle="--", linewidth=1, label="dense")
-        ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
-    for algo in algorithms:
-        means, stds, xs = [], [], []
-        for i, s in enumerate(sparsities):
-            values = np.asarray(acc.get((algo, s), []))
-            if len(values):
-                xs.append(i)
-                means.append(values.mean())
-                stds.append(values.std(ddof=1) if len(values) > 1 else 0.0)
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=algo)
-    ax.set_xticks(x, [f"{s:g}" for s in sparsities])
-    ax.set_xlabel("target sparsity")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "Test accuracy vs sparsity (mean ± std over seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+  """Writes the accuracy-vs-sparsity plot to `path`; returns `path`."""
+  acc = _accuracies(rows)
+  sparsities = sorted({s for (_, s) in acc if s is not None})
+  algorithms = sorted({a for (a, s) in acc if s is not None}, key=str)
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+  x = np.arange(len(sparsities))
+  if (DENSE, None) in acc:
+    values = np.asarray(acc[(DENSE, None)])
+    mean, std = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+    ax.axhline(mean, color="black", linestyle="--", linewidth=1, label="dense")
+    ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
+  for algo in algorithms:
+    means, stds, xs = [], [], []
+    for i, s in enumerate(sparsities):
+      values = np.asarray(acc.get((algo, s), []))
+      if len(values):
+        xs.append(i)
+        means.append(values.mean())
+        stds.append(values.std(ddof=1) if len(values) > 1 else 0.0)
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=algo)
+  ax.set_xticks(x, [f"{s:g}" for s in sparsities])
+  ax.set_xlabel("target sparsity")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title or "Test accuracy vs sparsity (mean ± std over seeds)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
 
 
 def _pruned_layers(rows: Sequence[dict]) -> list[str]:
-    layers = set()
-    for r in rows:
-        for name in r.get("layer_sparsity", {}):
-            if name != "total" and name.endswith("kernel"):
-                layers.add(name)
-    return sorted(layers)
+  layers = set()
+  for r in rows:
+    for name in r.get("layer_sparsity", {}):
+      if name != "total" and name.endswith("kernel"):
+        layers.add(name)
+  return sorted(layers)
 
 
 def layer_sparsity(rows: Sequence[dict], algorithm: str, path: str) -> str:
-    """Writes `algorithm`'s per-layer sparsity chart to `path`; returns `path`.
+  """Writes `algorithm`'s per-layer sparsity chart to `path`; returns `path`.
 
-    One group of bars per kernel, one bar per target sparsity (mean over seeds).
-    """
-    rows = [r for r in rows if r["algorithm"] == algorithm]
-    layers = _pruned_layers(rows)
-    targets = sorted({r["target_sparsity"] for r in rows}, key=lambda s: -1 if s is None else s)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
-    width = 0.8 / max(len(targets), 1)
-    for j, target in enumerate(targets):
-        chosen = [r for r in rows if r["target_sparsity"] == target]
-        means = [np.mean([r["layer_sparsity"].get(layer, 0.0) for r in chosen]) for layer in layers]
-        ax.bar(np.arange(len(layers)) + (j - (len(targets) - 1) / 2) * width, means, width,
-               label="dense" if target is None else f"target {target:g}")
-    ax.set_xticks(np.arange(len(layers)), layers, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("measured sparsity")
-    ax.set_title(f"{algorithm}: sparsity per layer")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+  One group of bars per kernel, one bar per target sparsity (mean over seeds).
+  """
+  rows = [r for r in rows if r["algorithm"] == algorithm]
+  layers = _pruned_layers(rows)
+  targets = sorted({r["target_sparsity"] for r in rows}, key=lambda s: -1 if s is None else s)
+  fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+  width = 0.8 / max(len(targets), 1)
+  for j, target in enumerate(targets):
+    chosen = [r for r in rows if r["target_sparsity"] == target]
+    means = [np.mean([r["layer_sparsity"].get(layer, 0.0) for r in chosen]) for layer in layers]
+    ax.bar(
+      np.arange(len(layers)) + (j - (len(targets) - 1) / 2) * width,
+      means,
+      width,
+      label="dense" if target is None else f"target {target:g}",
+    )
+  ax.set_xticks(np.arange(len(layers)), layers, rotation=20, ha="right", fontsize=8)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("measured sparsity")
+  ax.set_title(f"{algorithm}: sparsity per layer")
+  ax.grid(True, axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -3,6 +3,7 @@
 Masks are pytrees alongside params; ``sparsify`` wraps any optax optimizer so
 that a jitted training step keeps the parameters sparse.
 """
+
 from jaxprune.algorithms import REGISTRY, Algorithm, create, register
 from jaxprune.distributions import erk, uniform
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
@@ -14,7 +15,24 @@ from jaxprune.topk import keep_count, topk_mask, topk_masks
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm", "REGISTRY", "SparseState", "Summary", "apply_masks", "check_masks", "create",
-    "erk", "get_masks", "get_sparse_state", "keep_count", "magnitude_masks", "path_str",
-    "random_masks", "register", "sparsify", "summary", "topk_mask", "topk_masks", "uniform",
+  "Algorithm",
+  "REGISTRY",
+  "SparseState",
+  "Summary",
+  "apply_masks",
+  "check_masks",
+  "create",
+  "erk",
+  "get_masks",
+  "get_sparse_state",
+  "keep_count",
+  "magnitude_masks",
+  "path_str",
+  "random_masks",
+  "register",
+  "sparsify",
+  "summary",
+  "topk_mask",
+  "topk_masks",
+  "uniform",
 ]

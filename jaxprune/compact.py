@@ -54,6 +54,7 @@ Example::
   small = MLP(features=out.widths)
   small.apply({"params": out.params}, x)     # == big.apply({"params": masked}, x)
 """
+
 from __future__ import annotations
 
 import re
@@ -82,6 +83,7 @@ class Compacted(NamedTuple):
     kept: ``{layer path: indices of the kept output units}`` (original numbering).
     notes: ``{layer path: why some all-pruned units were kept}``.
   """
+
   params: Any
   batch_stats: Any
   masks: Any
@@ -93,9 +95,11 @@ class Compacted(NamedTuple):
 
 _AUTO = re.compile(r"^([A-Za-z]+)_(\d+)$")
 _SUPPORTED = ("Dense", "Conv", "BatchNorm")
-_CHAIN_HELP = ("compact handles plain chains of Dense / Conv (-> BatchNorm) layers; residual "
-               "adds, branches, concatenations, grouped convs and other modules cannot be "
-               "proven equivalent")
+_CHAIN_HELP = (
+  "compact handles plain chains of Dense / Conv (-> BatchNorm) layers; residual "
+  "adds, branches, concatenations, grouped convs and other modules cannot be "
+  "proven equivalent"
+)
 
 
 def _to_dict(tree):
@@ -143,14 +147,16 @@ def infer_layers(params, batch_stats=None) -> list[str]:
     m = _AUTO.match(str(name))
     if not m or m.group(1) not in _SUPPORTED:
       raise ValueError(
-          f"compact: cannot infer the layer order: {name!r} is not an auto-named "
-          f"Dense_i, Conv_i or BatchNorm_i module; pass layers=[...] in forward order. "
-          + _CHAIN_HELP)
+        f"compact: cannot infer the layer order: {name!r} is not an auto-named "
+        f"Dense_i, Conv_i or BatchNorm_i module; pass layers=[...] in forward order. " + _CHAIN_HELP
+      )
     by_type[m.group(1)][int(m.group(2))] = name
   for t, found in by_type.items():
     if sorted(found) != list(range(len(found))):
-      raise ValueError(f"compact: {t} layers are numbered {sorted(found)}, not 0..{len(found) - 1}; "
-                       "pass layers=[...] in forward order")
+      raise ValueError(
+        f"compact: {t} layers are numbered {sorted(found)}, not 0..{len(found) - 1}; "
+        "pass layers=[...] in forward order"
+      )
   convs = [by_type["Conv"][i] for i in range(len(by_type["Conv"]))]
   denses = [by_type["Dense"][i] for i in range(len(by_type["Dense"]))]
   bns = [by_type["BatchNorm"][i] for i in range(len(by_type["BatchNorm"]))]
@@ -160,8 +166,10 @@ def infer_layers(params, batch_stats=None) -> list[str]:
     return [x for pair in zip(convs, bns) for x in pair] + denses
   if not convs and len(bns) == len(denses) - 1:
     return [x for pair in zip(denses[:-1], bns) for x in pair] + denses[-1:]
-  raise ValueError(f"compact: cannot infer where {len(bns)} BatchNorm layers sit among "
-                   f"{len(convs)} Conv and {len(denses)} Dense layers; pass layers=[...]")
+  raise ValueError(
+    f"compact: cannot infer where {len(bns)} BatchNorm layers sit among "
+    f"{len(convs)} Conv and {len(denses)} Dense layers; pass layers=[...]"
+  )
 
 
 class _Leaf:
@@ -172,8 +180,9 @@ class _Leaf:
     self.dtype = self.value.dtype
     self.mask = None if mask is None else np.asarray(mask, bool)
     if self.mask is not None:
-      self.value = np.where(np.broadcast_to(self.mask, self.value.shape), self.value,
-                            np.zeros((), self.dtype))
+      self.value = np.where(
+        np.broadcast_to(self.mask, self.value.shape), self.value, np.zeros((), self.dtype)
+      )
 
   def full_mask(self):
     if self.mask is None:
@@ -207,37 +216,51 @@ def _classify(name: str, params, batch_stats) -> _Layer:
   p = _get(params, keys)
   s = _get(batch_stats, keys) if batch_stats is not None else None
   if p is None and s is None:
-    raise ValueError(f"compact: layer {name!r} is not in params" +
-                     ("" if batch_stats is not None else " (and no batch_stats were given)"))
+    raise ValueError(
+      f"compact: layer {name!r} is not in params"
+      + ("" if batch_stats is not None else " (and no batch_stats were given)")
+    )
   auto = _AUTO.match(keys[-1])
   if auto and auto.group(1) not in _SUPPORTED:
-    raise ValueError(f"compact: {name!r} is a {auto.group(1)} layer, which is not supported. "
-                     + _CHAIN_HELP)
+    raise ValueError(
+      f"compact: {name!r} is a {auto.group(1)} layer, which is not supported. " + _CHAIN_HELP
+    )
   if p is not None and not isinstance(p, Mapping):
     raise ValueError(f"compact: {name!r} is a single array, not a layer with kernel/bias")
   pk = set(p) if p is not None else set()
   if "kernel" in pk:
     if pk - {"kernel", "bias"}:
-      raise ValueError(f"compact: {name!r} has parameters {sorted(pk)}; only kernel and bias "
-                       "are understood. " + _CHAIN_HELP)
+      raise ValueError(
+        f"compact: {name!r} has parameters {sorted(pk)}; only kernel and bias "
+        "are understood. " + _CHAIN_HELP
+      )
     if s is not None:
       raise ValueError(f"compact: {name!r} has a kernel and batch_stats; not a Dense/Conv layer")
     ndim = np.ndim(p["kernel"])
     kind = "dense" if ndim == 2 else "conv" if ndim >= 3 else None
-    if kind is None or (auto and {"Dense": "dense", "Conv": "conv"}.get(auto.group(1), kind) != kind):
-      raise ValueError(f"compact: {name!r}/kernel has shape {np.shape(p['kernel'])}, which is "
-                       "neither a Dense (in, out) nor a Conv (..., in, out) kernel")
+    if kind is None or (
+      auto and {"Dense": "dense", "Conv": "conv"}.get(auto.group(1), kind) != kind
+    ):
+      raise ValueError(
+        f"compact: {name!r}/kernel has shape {np.shape(p['kernel'])}, which is "
+        "neither a Dense (in, out) nor a Conv (..., in, out) kernel"
+      )
     return _Layer(kind, name, keys)
   if pk - {"scale", "bias"}:
-    raise ValueError(f"compact: {name!r} has parameters {sorted(pk)}; not a Dense, Conv or "
-                     "BatchNorm layer. " + _CHAIN_HELP)
+    raise ValueError(
+      f"compact: {name!r} has parameters {sorted(pk)}; not a Dense, Conv or "
+      "BatchNorm layer. " + _CHAIN_HELP
+    )
   if not isinstance(s, Mapping) or not {"mean", "var"} <= set(s):
     raise ValueError(
-        f"compact: {name!r} looks like a normalisation layer without batch_stats mean/var. "
-        "LayerNorm/GroupNorm normalise across units, so removing units changes them; for "
-        "BatchNorm pass batch_stats=variables['batch_stats']")
+      f"compact: {name!r} looks like a normalisation layer without batch_stats mean/var. "
+      "LayerNorm/GroupNorm normalise across units, so removing units changes them; for "
+      "BatchNorm pass batch_stats=variables['batch_stats']"
+    )
   if auto and auto.group(1) != "BatchNorm":
-    raise ValueError(f"compact: {name!r} holds BatchNorm statistics but is named like a {auto.group(1)}")
+    raise ValueError(
+      f"compact: {name!r} holds BatchNorm statistics but is named like a {auto.group(1)}"
+    )
   return _Layer("bn", name, keys)
 
 
@@ -246,9 +269,11 @@ def _check_coverage(layers: Sequence[_Layer], params, batch_stats):
   for tree, what in ((params, "parameter"), (batch_stats, "batch_stats entry")):
     for path in _leaf_paths(tree):
       keys = _split(path)
-      if not any(keys[:len(pre)] == pre for pre in prefixes):
-        raise ValueError(f"compact: {what} {path!r} belongs to no layer of the chain "
-                         f"{[layer.name for layer in layers]}. " + _CHAIN_HELP)
+      if not any(keys[: len(pre)] == pre for pre in prefixes):
+        raise ValueError(
+          f"compact: {what} {path!r} belongs to no layer of the chain "
+          f"{[layer.name for layer in layers]}. " + _CHAIN_HELP
+        )
 
 
 def _mask_of(masks, keys, leaf):
@@ -256,12 +281,15 @@ def _mask_of(masks, keys, leaf):
     return None
   m = _get(masks, keys)
   if m is None:
-    raise ValueError(f"compact: masks has no entry for {'/'.join(keys)!r}; masks must have "
-                     "exactly the params' tree structure")
+    raise ValueError(
+      f"compact: masks has no entry for {'/'.join(keys)!r}; masks must have "
+      "exactly the params' tree structure"
+    )
   m = np.asarray(m, bool)
   if m.ndim and m.shape != np.shape(leaf):
-    raise ValueError(f"compact: mask for {'/'.join(keys)!r} has shape {m.shape}, "
-                     f"parameter has {np.shape(leaf)}")
+    raise ValueError(
+      f"compact: mask for {'/'.join(keys)!r} has shape {m.shape}, parameter has {np.shape(leaf)}"
+    )
   return m
 
 
@@ -278,9 +306,16 @@ def _bn_constant(z, bn: dict, epsilon: float) -> np.ndarray:
   return y
 
 
-def compact(params, masks=None, batch_stats=None, *, layers: Optional[Sequence[str]] = None,
-            activation: Optional[Callable] = jax.nn.relu, epsilon: float = 1e-5,
-            conv_padding: str = "SAME") -> Compacted:
+def compact(
+  params,
+  masks=None,
+  batch_stats=None,
+  *,
+  layers: Optional[Sequence[str]] = None,
+  activation: Optional[Callable] = jax.nn.relu,
+  epsilon: float = 1e-5,
+  conv_padding: str = "SAME",
+) -> Compacted:
   """Removes all-pruned hidden units of a Dense/Conv chain (see the module doc).
 
   Args:
@@ -313,8 +348,10 @@ def compact(params, masks=None, batch_stats=None, *, layers: Optional[Sequence[s
     masks = _to_dict(masks)
     ps, ms = jax.tree.structure(params), jax.tree.structure(masks)
     if ps != ms:
-      raise ValueError(f"compact: masks must have exactly the params' tree structure; params "
-                       f"paths {_leaf_paths(params)}, masks paths {_leaf_paths(masks)}")
+      raise ValueError(
+        f"compact: masks must have exactly the params' tree structure; params "
+        f"paths {_leaf_paths(params)}, masks paths {_leaf_paths(masks)}"
+      )
   names = list(layers) if layers is not None else infer_layers(params, batch_stats)
   if not names:
     raise ValueError("compact: no layers")
@@ -326,13 +363,16 @@ def compact(params, masks=None, batch_stats=None, *, layers: Optional[Sequence[s
   for spec in specs:
     if spec.kind == "bn":
       if not stages or stages[-1][1] is not None:
-        raise ValueError(f"compact: BatchNorm {spec.name!r} must directly follow a Dense or "
-                         "Conv layer in `layers`")
+        raise ValueError(
+          f"compact: BatchNorm {spec.name!r} must directly follow a Dense or Conv layer in `layers`"
+        )
       stages[-1][1] = spec
     else:
       if stages and stages[-1][0].kind == "dense" and spec.kind == "conv":
-        raise ValueError(f"compact: Conv {spec.name!r} follows Dense {stages[-1][0].name!r}; "
-                         "only Conv stacks followed by Dense layers are supported")
+        raise ValueError(
+          f"compact: Conv {spec.name!r} follows Dense {stages[-1][0].name!r}; "
+          "only Conv stacks followed by Dense layers are supported"
+        )
       stages.append([spec, None])
 
   # Working copies.
@@ -353,14 +393,17 @@ def compact(params, masks=None, batch_stats=None, *, layers: Optional[Sequence[s
     out = lin[-1]["kernel"].value.shape[-1]
     for k, leaf in brec.items():
       if leaf.value.shape != (out,):
-        raise ValueError(f"compact: {bn.name}/{k} has shape {leaf.value.shape}, but "
-                         f"{spec.name!r} has {out} outputs")
+        raise ValueError(
+          f"compact: {bn.name}/{k} has shape {leaf.value.shape}, but "
+          f"{spec.name!r} has {out} outputs"
+        )
     bns.append(brec)
   for i, rec in enumerate(lin):
     out = rec["kernel"].value.shape[-1]
     if "bias" in rec and rec["bias"].value.shape != (out,):
-      raise ValueError(f"compact: {stages[i][0].name}/bias has shape {rec['bias'].value.shape}, "
-                       f"expected ({out},)")
+      raise ValueError(
+        f"compact: {stages[i][0].name}/bias has shape {rec['bias'].value.shape}, expected ({out},)"
+      )
 
   # Check the chain's sizes before changing anything.
   spatial = []
@@ -370,14 +413,17 @@ def compact(params, masks=None, batch_stats=None, *, layers: Optional[Sequence[s
     a, b = stages[i][0], stages[i + 1][0]
     if b.kind == "conv" or a.kind == "dense":
       if nxt.shape[-2] != c:
-        raise ValueError(f"compact: {a.name!r} has {c} outputs but {b.name!r}/kernel reads "
-                         f"{nxt.shape[-2]} inputs (shape {nxt.shape}). " + _CHAIN_HELP)
+        raise ValueError(
+          f"compact: {a.name!r} has {c} outputs but {b.name!r}/kernel reads "
+          f"{nxt.shape[-2]} inputs (shape {nxt.shape}). " + _CHAIN_HELP
+        )
       spatial.append(1)
     else:  # conv -> dense through flatten or global pooling
       if nxt.shape[0] % c:
-        raise ValueError(f"compact: {b.name!r}/kernel has {nxt.shape[0]} inputs, not a multiple "
-                         f"of the {c} channels of {a.name!r} (flatten or pooling expected). "
-                         + _CHAIN_HELP)
+        raise ValueError(
+          f"compact: {b.name!r}/kernel has {nxt.shape[0]} inputs, not a multiple "
+          f"of the {c} channels of {a.name!r} (flatten or pooling expected). " + _CHAIN_HELP
+        )
       spatial.append(nxt.shape[0] // c)
 
   kept, notes = {}, {}
@@ -396,12 +442,19 @@ def compact(params, masks=None, batch_stats=None, *, layers: Optional[Sequence[s
     if "bias" not in nxt:
       can_fold, why = False, f"{nxt_spec.name!r} has no bias to fold it into"
     elif nxt_spec.kind == "conv" and conv_padding != "VALID":
-      can_fold, why = False, (f"{nxt_spec.name!r} is a Conv with {conv_padding} padding, where "
-                              "a constant input is not constant at the borders")
+      can_fold, why = (
+        False,
+        (
+          f"{nxt_spec.name!r} is a Conv with {conv_padding} padding, where "
+          "a constant input is not constant at the borders"
+        ),
+      )
     removable = dead & ((const == 0) | can_fold)
     if np.any(dead & ~removable):
-      notes[spec.name] = (f"{int(np.sum(dead & ~removable))} all-pruned units kept: their "
-                          f"constant output is not 0 and {why}")
+      notes[spec.name] = (
+        f"{int(np.sum(dead & ~removable))} all-pruned units kept: their "
+        f"constant output is not 0 and {why}"
+      )
     keep = np.flatnonzero(~removable)
     kept[spec.name] = keep
     if keep.size == n_out:

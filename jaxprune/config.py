@@ -1,4 +1,5 @@
 """Validation of algorithm configs: every key named in its error."""
+
 from __future__ import annotations
 
 import numbers
@@ -6,8 +7,17 @@ from typing import Any, Mapping
 
 from jaxprune.paths import include_fn
 
-COMMON_KEYS = ("sparsity", "distribution", "include", "start_step", "end_step", "update_every",
-               "drop_fraction", "seed", "sparsity_type")
+COMMON_KEYS = (
+  "sparsity",
+  "distribution",
+  "include",
+  "start_step",
+  "end_step",
+  "update_every",
+  "drop_fraction",
+  "seed",
+  "sparsity_type",
+)
 
 
 MAX_STEP = 2**31 - 2
@@ -30,8 +40,12 @@ def fraction(name, value, lo, hi, hi_open):
   return value
 
 
-def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
-             extra_keys: Mapping[str, Any] = ()) -> dict:
+def validate(
+  name: str,
+  config: Mapping[str, Any],
+  defaults: Mapping[str, Any],
+  extra_keys: Mapping[str, Any] = (),
+) -> dict:
   """Checks ``config`` for algorithm ``name`` and fills in ``defaults``.
 
   Accepts every common key (ignored where it does not apply) and the
@@ -42,21 +56,28 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
   valid = set(COMMON_KEYS) | set(extra_keys)
   unknown = sorted(set(config) - valid)
   if unknown:
-    raise ValueError(f"{name}: unknown config key(s) {', '.join(map(repr, unknown))}; "
-                     f"valid keys are: {', '.join(sorted(valid))}")
+    raise ValueError(
+      f"{name}: unknown config key(s) {', '.join(map(repr, unknown))}; "
+      f"valid keys are: {', '.join(sorted(valid))}"
+    )
   cfg = {**extra_keys, **{k: None for k in COMMON_KEYS}, **dict(defaults)}
   cfg.update({k: v for k, v in config.items() if v is not None})
 
   stype = cfg.get("sparsity_type") or "unstructured"
   if stype != "unstructured":
     from jaxprune import structured
+
     structured.parse_sparsity_type(stype)
   cfg["sparsity_type"] = stype
-  if cfg["axis"] is not None and (isinstance(cfg["axis"], bool) or not isinstance(cfg["axis"], numbers.Integral)):
+  if cfg["axis"] is not None and (
+    isinstance(cfg["axis"], bool) or not isinstance(cfg["axis"], numbers.Integral)
+  ):
     raise TypeError(f"axis must be an integer, got {cfg['axis']!r}")
   if cfg["sparsity"] is not None:
     cfg["sparsity"] = fraction("sparsity", cfg["sparsity"], 0.0, 1.0, hi_open=True)
-  cfg["start_step"] = _int("start_step", cfg["start_step"] if cfg["start_step"] is not None else 0, 0)
+  cfg["start_step"] = _int(
+    "start_step", cfg["start_step"] if cfg["start_step"] is not None else 0, 0
+  )
   if cfg["end_step"] is not None:
     cfg["end_step"] = _int("end_step", cfg["end_step"], 0)
     if cfg["end_step"] < cfg["start_step"]:
@@ -65,7 +86,9 @@ def validate(name: str, config: Mapping[str, Any], defaults: Mapping[str, Any],
     cfg["update_every"] = _int("update_every", cfg["update_every"], 1)
   for key in ("start_step", "end_step", "update_every"):
     if cfg[key] is not None and cfg[key] > MAX_STEP:
-      raise ValueError(f"{key} must be at most {MAX_STEP} (the step counter is int32), got {cfg[key]}")
+      raise ValueError(
+        f"{key} must be at most {MAX_STEP} (the step counter is int32), got {cfg[key]}"
+      )
   if cfg["drop_fraction"] is not None:
     cfg["drop_fraction"] = fraction("drop_fraction", cfg["drop_fraction"], 0.0, 1.0, hi_open=False)
   cfg["seed"] = _int("seed", cfg["seed"] if cfg["seed"] is not None else 0, 0)

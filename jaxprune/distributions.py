@@ -3,6 +3,7 @@
 Each returns a tree like ``params`` of per-leaf target sparsities (Python
 floats), 0.0 for leaves that are not pruned.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,11 @@ from jaxprune.paths import Include, pruned_leaves
 
 
 def _check_sparsity(sparsity):
-  if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+  if (
+    not isinstance(sparsity, (int, float))
+    or isinstance(sparsity, bool)
+    or not 0.0 <= sparsity < 1.0
+  ):
     raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
 
 

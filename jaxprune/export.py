@@ -32,6 +32,7 @@ bitmasks (close to the entropy of a random mask, about 0.5 bit per entry at
 written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a failed write leaves an existing file untouched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,14 +53,14 @@ from jax.experimental import sparse
 from jaxprune.paths import path_str
 
 __all__ = [
-    "to_bcoo",
-    "from_bcoo",
-    "nm_compress",
-    "nm_decompress",
-    "save_compressed",
-    "load_compressed",
-    "CheckpointError",
-    "FORMAT_VERSION",
+  "to_bcoo",
+  "from_bcoo",
+  "nm_compress",
+  "nm_decompress",
+  "save_compressed",
+  "load_compressed",
+  "CheckpointError",
+  "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
@@ -107,8 +108,11 @@ def to_bcoo(params, masks):
 
 def from_bcoo(tree):
   """Densifies every ``BCOO`` leaf of ``tree`` (other leaves unchanged)."""
-  return jax.tree.map(lambda x: x.todense() if isinstance(x, sparse.BCOO) else x, tree,
-                      is_leaf=lambda x: isinstance(x, sparse.BCOO))
+  return jax.tree.map(
+    lambda x: x.todense() if isinstance(x, sparse.BCOO) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, sparse.BCOO),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -150,8 +154,9 @@ def nm_compress(w, n: int, m: int, axis: int = -2, mask=None):
   if k is not None:
     most = int(k.reshape(k.shape[:-1] + (k.shape[-1] // m, m)).sum(-1).max(initial=0))
     if most > n:
-      raise ValueError(f"array is not {n}:{m} sparse along axis {ax}: a group has {most} "
-                       "kept entries")
+      raise ValueError(
+        f"array is not {n}:{m} sparse along axis {ax}: a group has {most} kept entries"
+      )
   return _nm_compress_impl(w, keep, n, m, ax)
 
 
@@ -251,7 +256,9 @@ def _encode_leaf(p: np.ndarray, m, quantize: Optional[str]):
     segments.append(("values", q.tobytes()))
     segments.append(("scales", scale.astype("<f4").tobytes()))
   else:
-    segments.append(("values", np.ascontiguousarray(flat).astype(dtype.newbyteorder("<")).tobytes()))
+    segments.append(
+      ("values", np.ascontiguousarray(flat).astype(dtype.newbyteorder("<")).tobytes())
+    )
   return segments, encoding, quant
 
 
@@ -280,8 +287,9 @@ def _decompress(codec: str, data: bytes, raw_size: int) -> bytes:
   return out
 
 
-def save_compressed(path, params, masks=None, quantize: Optional[str] = None,
-                    compression_level: int = 6) -> int:
+def save_compressed(
+  path, params, masks=None, quantize: Optional[str] = None, compression_level: int = 6
+) -> int:
   """Writes ``params`` (masked by ``masks``) as a compressed checkpoint.
 
   Only the kept entries of pruned leaves are stored, with a packed bitmask;
@@ -319,19 +327,28 @@ def save_compressed(path, params, masks=None, quantize: Optional[str] = None,
   for (keypath, leaf), m in zip(flat, mask_leaves):
     p = np.asarray(leaf)
     if not (p.dtype.kind in "biuf" or p.dtype == jnp.bfloat16):
-      raise TypeError(f"save_compressed: leaf {path_str(keypath)!r} has unsupported dtype {p.dtype}")
+      raise TypeError(
+        f"save_compressed: leaf {path_str(keypath)!r} has unsupported dtype {p.dtype}"
+      )
     if m is not None and np.ndim(m) and np.shape(m) != p.shape:
-      raise ValueError(f"save_compressed: mask of {path_str(keypath)!r} has shape "
-                       f"{np.shape(m)}, parameter has {p.shape}")
+      raise ValueError(
+        f"save_compressed: mask of {path_str(keypath)!r} has shape "
+        f"{np.shape(m)}, parameter has {p.shape}"
+      )
     segments, encoding, quant = _encode_leaf(p, m, quantize)
     seg_info = {}
     for name, data in segments:
       codec, packed = _compress(name, data, compression_level)
-      seg_info[name] = {"offset": offset, "size": len(packed), "codec": codec,
-                        "raw_size": len(data)}
+      seg_info[name] = {
+        "offset": offset,
+        "size": len(packed),
+        "codec": codec,
+        "raw_size": len(data),
+      }
       offset += len(packed)
       payload_parts.append(packed)
-    entries.append({
+    entries.append(
+      {
         "path": path_str(keypath),
         "keys": [_key_json(k) for k in keypath],
         "shape": list(p.shape),
@@ -339,13 +356,14 @@ def save_compressed(path, params, masks=None, quantize: Optional[str] = None,
         "encoding": encoding,
         "quant": quant,
         "segments": seg_info,
-    })
+      }
+    )
   header = {
-      "format": "jaxprune-compressed",
-      "version": FORMAT_VERSION,
-      "payload_size": offset,
-      "treedef": str(treedef),
-      "leaves": entries,
+    "format": "jaxprune-compressed",
+    "version": FORMAT_VERSION,
+    "payload_size": offset,
+    "treedef": str(treedef),
+    "leaves": entries,
   }
   header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
 
@@ -355,8 +373,11 @@ def save_compressed(path, params, masks=None, quantize: Optional[str] = None,
   try:
     with os.fdopen(fd, "wb") as f:
       digest = hashlib.sha256()
-      for part in [_PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header_bytes)), header_bytes,
-                   *payload_parts]:
+      for part in [
+        _PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header_bytes)),
+        header_bytes,
+        *payload_parts,
+      ]:
         digest.update(part)
         f.write(part)
       f.write(digest.digest())
@@ -434,14 +455,16 @@ def load_compressed(path, like=None, return_masks: bool = False):
   with open(path, "rb") as f:
     data = f.read()
   if len(data) < _PREFIX.size + _DIGEST:
-    raise CheckpointError(f"{path}: file is truncated ({len(data)} bytes) or not a jaxprune "
-                          "compressed checkpoint")
+    raise CheckpointError(
+      f"{path}: file is truncated ({len(data)} bytes) or not a jaxprune compressed checkpoint"
+    )
   magic, version, header_len = _PREFIX.unpack_from(data, 0)
   if magic != _MAGIC:
     raise CheckpointError(f"{path}: not a jaxprune compressed checkpoint (bad magic {magic!r})")
   if version != FORMAT_VERSION:
-    raise CheckpointError(f"{path}: unsupported format version {version} "
-                          f"(this jaxprune reads version {FORMAT_VERSION})")
+    raise CheckpointError(
+      f"{path}: unsupported format version {version} (this jaxprune reads version {FORMAT_VERSION})"
+    )
   body, stored = data[:-_DIGEST], data[-_DIGEST:]
   if hashlib.sha256(body).digest() != stored:
     raise CheckpointError(f"{path}: checksum mismatch: the file is truncated or corrupted")
@@ -449,12 +472,16 @@ def load_compressed(path, like=None, return_masks: bool = False):
   if start + header_len > len(body):
     raise CheckpointError(f"{path}: header length {header_len} exceeds the file")
   try:
-    header = json.loads(body[start:start + header_len].decode("utf-8"))
+    header = json.loads(body[start : start + header_len].decode("utf-8"))
   except ValueError as e:
     raise CheckpointError(f"{path}: corrupted header: {e}") from None
-  payload = body[start + header_len:]
-  if (not isinstance(header, dict) or header.get("format") != "jaxprune-compressed"
-      or header.get("version") != FORMAT_VERSION or header.get("payload_size") != len(payload)):
+  payload = body[start + header_len :]
+  if (
+    not isinstance(header, dict)
+    or header.get("format") != "jaxprune-compressed"
+    or header.get("version") != FORMAT_VERSION
+    or header.get("payload_size") != len(payload)
+  ):
     raise CheckpointError(f"{path}: inconsistent header (format, version or payload size)")
 
   params_leaves, mask_leaves, keys = [], [], []
@@ -475,8 +502,10 @@ def load_compressed(path, like=None, return_masks: bool = False):
       raise ValueError(f"load_compressed: `like` has leaves {want}, the file has {have}")
     for (kp, x), p in zip(flat, params_leaves):
       if tuple(np.shape(x)) != tuple(p.shape):
-        raise ValueError(f"load_compressed: {path_str(kp)!r} has shape {p.shape} in the file, "
-                         f"{np.shape(x)} in `like`")
+        raise ValueError(
+          f"load_compressed: {path_str(kp)!r} has shape {p.shape} in the file, "
+          f"{np.shape(x)} in `like`"
+        )
     params = jax.tree.unflatten(treedef, params_leaves)
     masks = jax.tree.unflatten(treedef, mask_leaves)
   else:
@@ -496,7 +525,7 @@ def _decode_leaf(e: dict, payload: bytes):
     off, length = int(info["offset"]), int(info["size"])
     if off < 0 or length < 0 or off + length > len(payload):
       raise ValueError(f"segment {name!r} of {e['path']!r} lies outside the payload")
-    return _decompress(info["codec"], payload[off:off + length], int(info["raw_size"]))
+    return _decompress(info["codec"], payload[off : off + length], int(info["raw_size"]))
 
   if e["encoding"] == "masked":
     bits = np.frombuffer(seg("mask"), np.uint8)
@@ -518,8 +547,9 @@ def _decode_leaf(e: dict, payload: bytes):
   elif e["quant"] is None:
     raw = seg("values")
     if len(raw) != count * dtype.itemsize:
-      raise ValueError(f"values of {e['path']!r} have {len(raw)} bytes, expected "
-                       f"{count * dtype.itemsize}")
+      raise ValueError(
+        f"values of {e['path']!r} have {len(raw)} bytes, expected {count * dtype.itemsize}"
+      )
     vals = np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype)
   else:
     raise ValueError(f"unknown quantisation {e['quant']!r} of {e['path']!r}")

@@ -4,6 +4,7 @@ A masks tree has exactly the params' tree structure. Each leaf is a bool array
 of its parameter's shape, or a scalar ``True`` for a leaf that is not pruned
 (it broadcasts). There are no ``None`` holes.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,12 +36,16 @@ def check_masks(params, masks) -> None:
         raise ValueError(f"masks do not match params: params have {pp!r} where masks have {mp!r}")
     if len(p_paths) != len(m_paths):
       longer, name = (p_paths, "params") if len(p_paths) > len(m_paths) else (m_paths, "masks")
-      raise ValueError(f"masks do not match params: only {name} have {longer[min(len(p_paths), len(m_paths))]!r}")
+      raise ValueError(
+        f"masks do not match params: only {name} have {longer[min(len(p_paths), len(m_paths))]!r}"
+      )
     raise ValueError(f"masks do not match params: tree structures differ ({m_def} vs {p_def})")
   for path, (_, p), (_, m) in zip(p_paths, p_flat, m_flat):
     if jnp.ndim(m) and jnp.shape(m) != jnp.shape(p):
-      raise ValueError(f"masks do not match params at {path!r}: mask shape {jnp.shape(m)} "
-                       f"vs parameter shape {jnp.shape(p)}")
+      raise ValueError(
+        f"masks do not match params at {path!r}: mask shape {jnp.shape(m)} "
+        f"vs parameter shape {jnp.shape(p)}"
+      )
     if jnp.result_type(m) != jnp.bool_:
       raise ValueError(f"mask at {path!r} has dtype {jnp.result_type(m)}; masks must be bool")
 
@@ -51,10 +56,12 @@ def zero_masked(tree, masks, skip_scalar_masks: bool = True):
   With ``skip_scalar_masks`` (the per-step path) scalar masks are taken to be
   True, as the algorithms make them, and cost nothing.
   """
+
   def leaf(x, m):
     if skip_scalar_masks and not is_pruned_mask(m):
       return x
     return jnp.where(m, x, jnp.zeros((), jnp.result_type(x)))
+
   return jax.tree.map(leaf, tree, masks)
 
 
@@ -73,18 +80,22 @@ def keep_count_of(n: int, sparsity):
 
 def _select(scores, sparsities):
   """Top-k masks leaf by leaf; a leaf with a static sparsity None or 0 stays dense."""
+
   def leaf(s, sp):
     if sp is None or (not isinstance(sp, jax.core.Tracer) and float(sp) == 0.0):
       return dense_mask()
     return topk.topk_mask(s, keep_count_of(jnp.size(s), sp))
+
   return jax.tree.map(leaf, scores, sparsities)
 
 
 def random_scores(key, tree):
   """Uniform [0, 1) scores shaped like each leaf, from ``fold_in(key, leaf_index)``."""
   leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(treedef, [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x))
-                                      for i, x in enumerate(leaves)])
+  return jax.tree.unflatten(
+    treedef,
+    [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x)) for i, x in enumerate(leaves)],
+  )
 
 
 def magnitude_masks(params, sparsities):

@@ -8,6 +8,7 @@ not named here work too. Leaves of such a sub-tree whose shape differs from
 their parameter's (Adafactor's factored row/column statistics) cannot be reset
 per entry and are left as they are.
 """
+
 from __future__ import annotations
 
 import jax
@@ -33,9 +34,12 @@ def zero_where_masked(opt_state, masks, params):
     if not matches(node):
       return node
     leaves = jax.tree.leaves(node, is_leaf=is_masked_node)
-    out = [jnp.where(m, x, jnp.zeros((), x.dtype))
-           if not is_masked_node(x) and is_pruned_mask(m) and jnp.shape(x) == shape else x
-           for x, m, shape in zip(leaves, mleaves, pshapes)]
+    out = [
+      jnp.where(m, x, jnp.zeros((), x.dtype))
+      if not is_masked_node(x) and is_pruned_mask(m) and jnp.shape(x) == shape
+      else x
+      for x, m, shape in zip(leaves, mleaves, pshapes)
+    ]
     return jax.tree.unflatten(pdef, out)
 
   return jax.tree.map(reset, opt_state, is_leaf=matches)

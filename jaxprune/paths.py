@@ -5,6 +5,7 @@ A path string joins the keys of a leaf with "/", as Flax names parameters:
 The ``.value`` attribute of Flax NNX variables is left out, so an NNX state leaf
 reads ``"linear/kernel"``.
 """
+
 from __future__ import annotations
 
 import re
@@ -61,7 +62,9 @@ def include_fn(include: Include) -> Callable[[str, Any], bool]:
     return lambda path, leaf: pattern.search(path) is not None
   if callable(include):
     return lambda path, leaf: bool(include(path, leaf))
-  raise TypeError(f"include must be None, a regex string or a callable (path, leaf) -> bool; got {include!r}")
+  raise TypeError(
+    f"include must be None, a regex string or a callable (path, leaf) -> bool; got {include!r}"
+  )
 
 
 def pruned_leaves(params, include: Include = None):
@@ -76,13 +79,19 @@ def pruned_leaves(params, include: Include = None):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     chosen = [(path_str(p), x) for (p, x), s in zip(flat, jax.tree.leaves(selected)) if s]
     if not chosen:
-      raise ValueError(f"include={include!r} matched no parameter; the parameter paths are: "
-                       + ", ".join(path_str(p) for p, _ in flat))
+      raise ValueError(
+        f"include={include!r} matched no parameter; the parameter paths are: "
+        + ", ".join(path_str(p) for p, _ in flat)
+      )
     for path, x in chosen:
       if jnp.ndim(x) == 0:
-        raise ValueError(f"include={include!r} selects the scalar {path!r}: a scalar cannot be pruned "
-                         "(its mask is a scalar True)")
+        raise ValueError(
+          f"include={include!r} selects the scalar {path!r}: a scalar cannot be pruned "
+          "(its mask is a scalar True)"
+        )
       if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(f"include={include!r} selects {path!r} of dtype {jnp.result_type(x)}: "
-                        "only floating-point leaves can be pruned")
+        raise TypeError(
+          f"include={include!r} selects {path!r} of dtype {jnp.result_type(x)}: "
+          "only floating-point leaves can be pruned"
+        )
   return selected

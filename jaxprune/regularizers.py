@@ -32,6 +32,7 @@ leaves with ``ndim >= 2``: kernels, not biases or norm scales), a regular
 expression searched in the path string (``"Dense_0/kernel"``), or a predicate
 ``(path, leaf) -> bool``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -43,13 +44,13 @@ import optax
 from jaxprune.paths import Include, include_fn, path_str
 
 __all__ = [
-    "l1_penalty",
-    "group_lasso_penalty",
-    "prox_l1",
-    "prox_group_lasso",
-    "ProxState",
-    "soft_threshold",
-    "group_soft_threshold",
+  "l1_penalty",
+  "group_lasso_penalty",
+  "prox_l1",
+  "prox_group_lasso",
+  "ProxState",
+  "soft_threshold",
+  "group_soft_threshold",
 ]
 
 
@@ -88,8 +89,7 @@ def group_lasso_penalty(params, include: Include = None) -> jax.Array:
   all-zero unit is 0 (a subgradient), never NaN.
   """
   leaves = _selected(params, include)
-  return sum((jnp.sum(_safe_sqrt(_unit_sq_norms(x))) for x in leaves),
-             jnp.zeros((), jnp.float32))
+  return sum((jnp.sum(_safe_sqrt(_unit_sq_norms(x))) for x in leaves), jnp.zeros((), jnp.float32))
 
 
 def soft_threshold(x: jax.Array, threshold) -> jax.Array:
@@ -113,6 +113,7 @@ def group_soft_threshold(x: jax.Array, threshold) -> jax.Array:
 
 class ProxState(NamedTuple):
   """State of a proximal step: the step count (for a ``strength`` schedule)."""
+
   count: jax.Array
 
 
@@ -140,8 +141,9 @@ def _prox(prox_fn, strength, include: Include, name: str) -> optax.GradientTrans
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def prox_l1(strength: optax.ScalarOrSchedule, include: Include = None
-            ) -> optax.GradientTransformation:
+def prox_l1(
+  strength: optax.ScalarOrSchedule, include: Include = None
+) -> optax.GradientTransformation:
   """Proximal L1 step (ISTA): soft-thresholds ``params + updates``.
 
   Place it after the optimizer: ``optax.chain(opt, prox_l1(lr * lam))``. The
@@ -163,8 +165,9 @@ def prox_l1(strength: optax.ScalarOrSchedule, include: Include = None
   return _prox(soft_threshold, strength, include, "prox_l1")
 
 
-def prox_group_lasso(strength: optax.ScalarOrSchedule, include: Include = None
-                     ) -> optax.GradientTransformation:
+def prox_group_lasso(
+  strength: optax.ScalarOrSchedule, include: Include = None
+) -> optax.GradientTransformation:
   """Proximal group-lasso step: group soft-thresholding of output units.
 
   Each output unit (slice along the last axis) ``v = p + u`` of a selected leaf

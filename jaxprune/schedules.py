@@ -1,4 +1,5 @@
 """Sparsity and drop-fraction schedules; all accept a traced step inside jit."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -22,23 +23,27 @@ def progress(step, start_step: int, end_step: int):
   return jnp.clip(t, 0.0, 1.0)
 
 
-def polynomial(final: float, initial: float = 0.0, start_step: int = 0, end_step: int = 1000,
-               power: float = 3.0):
+def polynomial(
+  final: float, initial: float = 0.0, start_step: int = 0, end_step: int = 1000, power: float = 3.0
+):
   """Zhu & Gupta 2017 ("To prune, or not to prune") gradual pruning schedule.
 
   ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3`` for t0 <= t <= t1,
   ``s_i`` before t0 and exactly ``s_f`` from t1 on. Masks change only on the
   update steps given by :func:`periodic_updates`.
   """
+
   def schedule(step):
     frac = progress(step, start_step, end_step)
     value = final + (initial - final) * (1.0 - frac) ** power
     return jnp.where(frac >= 1.0, jnp.float32(final), value.astype(jnp.float32))
+
   return schedule
 
 
 def periodic_updates(start_step: int, end_step: int, update_every: int, include_end: bool = True):
   """Step predicate: ``t0 <= t <= t1`` and ``(t - t0) % update_every == 0`` (or ``t == t1``)."""
+
   def is_update(step):
     step = jnp.asarray(step)
     on_period = (step - start_step) % update_every == 0
@@ -46,14 +51,17 @@ def periodic_updates(start_step: int, end_step: int, update_every: int, include_
     if include_end:
       return inside & (on_period | (step == end_step))
     return inside & (step < end_step) & on_period
+
   return is_update
 
 
 def cosine_drop_fraction(drop_fraction: float, end_step: int):
   """RigL's drop-fraction decay (Evci et al. 2020): ``d/2 (1 + cos(pi t / T_end))``."""
+
   def schedule(step):
     t = jnp.clip(jnp.asarray(step, jnp.float32) / float(max(end_step, 1)), 0.0, 1.0)
     return (drop_fraction / 2.0) * (1.0 + jnp.cos(jnp.pi * t))
+
   return schedule
 
 
@@ -67,6 +75,7 @@ def polynomial_keep_count(n: int, initial: float, final: float, frac, power: flo
   ``n - floor(s_t n)``.
   """
   from jaxprune.topk import keep_count  # local: topk does not depend on schedules
+
   p_i, p_f = n - keep_count(n, initial), n - keep_count(n, final)
   pruned = p_f + (p_i - p_f) * (1.0 - frac) ** power
   k = n - jnp.floor(pruned).astype(jnp.int32)

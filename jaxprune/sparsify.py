@@ -1,4 +1,5 @@
 """The optax wrapper that keeps parameters sparse inside the training step."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -16,6 +17,7 @@ from jaxprune.optimizer_state import zero_where_masked
 
 class SparseState(NamedTuple):
   """State of :func:`sparsify`: step count, masks, inner and algorithm state."""
+
   count: jax.Array
   masks: Any
   inner_state: Any
@@ -51,8 +53,9 @@ def place_like(params, masks):
   return jax.tree.map(lambda p, m: shard_alike(p, m)[1] if is_pruned_mask(m) else m, params, masks)
 
 
-def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
-             ) -> optax.GradientTransformationExtraArgs:
+def sparsify(
+  inner: optax.GradientTransformation, algorithm: Algorithm
+) -> optax.GradientTransformationExtraArgs:
   """Wraps any optax transformation so that parameters stay sparse.
 
   After ``updates, state = tx.update(grads, state, params)`` and
@@ -78,11 +81,15 @@ def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
 
   def update_fn(updates, state, params=None, **extra):
     if params is None:
-      raise ValueError("jaxprune.sparsify needs the current params: call tx.update(grads, state, params)")
+      raise ValueError(
+        "jaxprune.sparsify needs the current params: call tx.update(grads, state, params)"
+      )
     check_masks(params, state.masks)
     count = optax.safe_increment(state.count)
     if not algorithm.changes_masks:
-      new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, state.masks, extra)
+      new_updates, inner_state = _inner_step(
+        inner, updates, state.inner_state, params, state.masks, extra
+      )
       return new_updates, SparseState(count, state.masks, inner_state, state.algo_state)
 
     # Only the mask update sits under lax.cond; the rest runs every step so that
@@ -90,9 +97,13 @@ def sparsify(inner: optax.GradientTransformation, algorithm: Algorithm
     # measured ~8% slower on CPU). On a step without a mask update ``stable``
     # equals the masks and the resets below change nothing.
     masks, algo_state = lax.cond(
-        algorithm.is_update_step(state.count),
-        lambda _: _placed(algorithm.update(state.count, params, updates, state.masks, state.algo_state), params),
-        lambda _: (state.masks, state.algo_state), None)
+      algorithm.is_update_step(state.count),
+      lambda _: _placed(
+        algorithm.update(state.count, params, updates, state.masks, state.algo_state), params
+      ),
+      lambda _: (state.masks, state.algo_state),
+      None,
+    )
     stable = jax.tree.map(lambda new, old: new & old, masks, state.masks)
     inner_state = zero_where_masked(state.inner_state, stable, params)
     new_updates, inner_state = _inner_step(inner, updates, inner_state, params, stable, extra)
@@ -115,8 +126,10 @@ def get_sparse_state(opt_state) -> SparseState:
   """The (outermost) :class:`SparseState` inside any optax state."""
   found = _sparse_states(opt_state)
   if not found:
-    raise ValueError("no jaxprune SparseState found in this optimizer state; "
-                     "was the optimizer built with jaxprune.sparsify?")
+    raise ValueError(
+      "no jaxprune SparseState found in this optimizer state; "
+      "was the optimizer built with jaxprune.sparsify?"
+    )
   return found[0]
 
 

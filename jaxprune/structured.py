@@ -41,6 +41,7 @@ index; among units, the lower unit index). NaN scores rank lowest.
 Every mask-producing function here is jit-able: shapes are static, and the
 ``sparsity`` of block and neuron masks may be a traced scalar.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,20 +57,20 @@ from jaxprune.masks import keep_count_of
 from jaxprune.topk import topk_mask
 
 __all__ = [
-    "SparsityType",
-    "parse_sparsity_type",
-    "nm_sparsity",
-    "incompatibility",
-    "structured_mask",
-    "select_compatible",
-    "incompatibility_notes",
-    "nm_mask_from_scores",
-    "replace_connections",
-    "block_mask_from_scores",
-    "unit_mask_from_scores",
-    "unit_norms",
-    "is_nm_sparse",
-    "group_counts",
+  "SparsityType",
+  "parse_sparsity_type",
+  "nm_sparsity",
+  "incompatibility",
+  "structured_mask",
+  "select_compatible",
+  "incompatibility_notes",
+  "nm_mask_from_scores",
+  "replace_connections",
+  "block_mask_from_scores",
+  "unit_mask_from_scores",
+  "unit_norms",
+  "is_nm_sparse",
+  "group_counts",
 ]
 
 
@@ -84,6 +85,7 @@ class SparsityType(NamedTuple):
     block: ``(R, C)`` tile shape (blocks only, else ``()``).
     name: the canonical string (``"2:4"``, ``"block:4x4"``, ``"neuron"``...).
   """
+
   kind: str
   n: int = 0
   m: int = 0
@@ -97,8 +99,10 @@ class SparsityTypeError(ValueError, TypeError):
 
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 _BLOCK_RE = re.compile(r"^block:(\d+)x(\d+)$")
-_HELP = ('expected "unstructured", "N:M" with 1 <= N <= M (e.g. "2:4"), '
-         '"block:RxC" with R, C >= 1 (e.g. "block:4x4"), "neuron" or "channel"')
+_HELP = (
+  'expected "unstructured", "N:M" with 1 <= N <= M (e.g. "2:4"), '
+  '"block:RxC" with R, C >= 1 (e.g. "block:4x4"), "neuron" or "channel"'
+)
 
 
 def parse_sparsity_type(sparsity_type) -> SparsityType:
@@ -118,8 +122,9 @@ def parse_sparsity_type(sparsity_type) -> SparsityType:
     return sparsity_type
   if not isinstance(sparsity_type, str):
     raise SparsityTypeError(
-        f"sparsity_type must be a string, got {sparsity_type!r} "
-        f"of type {type(sparsity_type).__name__}; {_HELP}")
+      f"sparsity_type must be a string, got {sparsity_type!r} "
+      f"of type {type(sparsity_type).__name__}; {_HELP}"
+    )
   s = sparsity_type.strip().lower()
   if s == "unstructured":
     return SparsityType("unstructured", name="unstructured")
@@ -129,15 +134,17 @@ def parse_sparsity_type(sparsity_type) -> SparsityType:
   if match:
     n, m = int(match.group(1)), int(match.group(2))
     if not 1 <= n <= m:
-      raise ValueError(f"sparsity_type={sparsity_type!r}: N:M needs 1 <= N <= M "
-                       f"(got N={n}, M={m}); {_HELP}")
+      raise ValueError(
+        f"sparsity_type={sparsity_type!r}: N:M needs 1 <= N <= M (got N={n}, M={m}); {_HELP}"
+      )
     return SparsityType("nm", n=n, m=m, name=f"{n}:{m}")
   match = _BLOCK_RE.match(s)
   if match:
     r, c = int(match.group(1)), int(match.group(2))
     if r < 1 or c < 1:
-      raise ValueError(f"sparsity_type={sparsity_type!r}: block sizes must be >= 1 "
-                       f"(got {r}x{c}); {_HELP}")
+      raise ValueError(
+        f"sparsity_type={sparsity_type!r}: block sizes must be >= 1 (got {r}x{c}); {_HELP}"
+      )
     return SparsityType("block", block=(r, c), name=f"block:{r}x{c}")
   raise ValueError(f"sparsity_type={sparsity_type!r} is not a known sparsity type; {_HELP}")
 
@@ -150,8 +157,9 @@ def nm_sparsity(sparsity_type) -> float:
   """
   st = parse_sparsity_type(sparsity_type)
   if st.kind != "nm":
-    raise ValueError(f"sparsity_type={sparsity_type!r} is not an N:M pattern; "
-                     "only N:M types fix the sparsity")
+    raise ValueError(
+      f"sparsity_type={sparsity_type!r} is not an N:M pattern; only N:M types fix the sparsity"
+    )
   return 1.0 - st.n / st.m
 
 
@@ -169,8 +177,9 @@ def _resolve_axis(kind: str, ndim: int, axis: Optional[int]) -> int:
   return a % ndim
 
 
-def incompatibility(shape: Sequence[int], sparsity_type, axis: Optional[int] = None
-                    ) -> Optional[str]:
+def incompatibility(
+  shape: Sequence[int], sparsity_type, axis: Optional[int] = None
+) -> Optional[str]:
   """Why a leaf of ``shape`` cannot take ``sparsity_type``, or None if it can.
 
   The reason is a short human-readable sentence, e.g. ``"axis 0 has size 10,
@@ -373,8 +382,9 @@ def _unit_impl(scores, k, ax):
   return jnp.broadcast_to(keep.reshape(shape), scores.shape)
 
 
-def structured_mask(scores: jax.Array, sparsity, sparsity_type, axis: Optional[int] = None
-                    ) -> jax.Array:
+def structured_mask(
+  scores: jax.Array, sparsity, sparsity_type, axis: Optional[int] = None
+) -> jax.Array:
   """A bool mask of ``scores.shape`` following ``sparsity_type``.
 
   Args:
@@ -458,8 +468,9 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
   return jnp.moveaxis(new, -1, ax), jnp.sum(per_group)
 
 
-def replace_connections(mask, weights, grow_scores, drop_fraction, sparsity_type,
-                        axis: Optional[int] = None):
+def replace_connections(
+  mask, weights, grow_scores, drop_fraction, sparsity_type, axis: Optional[int] = None
+):
   """One SET/RigL drop-and-grow update that keeps the ``sparsity_type`` pattern.
 
   * N:M: the ``floor(d * active)`` active weights with the smallest ``|w|`` are
@@ -495,11 +506,16 @@ def replace_connections(mask, weights, grow_scores, drop_fraction, sparsity_type
   if reason is not None:
     raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {mask.shape}: {reason}")
   if st.kind == "nm":
-    return _nm_replace(mask, weights, grow_scores, drop_fraction, st.n, st.m,
-                       _resolve_axis("nm", mask.ndim, axis))
+    return _nm_replace(
+      mask, weights, grow_scores, drop_fraction, st.n, st.m, _resolve_axis("nm", mask.ndim, axis)
+    )
   if st.kind == "unstructured":
-    new, n_drop = _replace_groups(mask.reshape(-1), _finite_magnitude(weights).reshape(-1),
-                                  _finite_magnitude(grow_scores).reshape(-1), drop_fraction)
+    new, n_drop = _replace_groups(
+      mask.reshape(-1),
+      _finite_magnitude(weights).reshape(-1),
+      _finite_magnitude(grow_scores).reshape(-1),
+      drop_fraction,
+    )
     return new.reshape(mask.shape), n_drop
   if st.kind == "block":
     r, c = st.block
@@ -527,13 +543,13 @@ def replace_connections(mask, weights, grow_scores, drop_fraction, sparsity_type
 # Which leaves can take a pattern.
 
 
-def incompatibility_notes(params, sparsity_type, include=None, axis: Optional[int] = None
-                          ) -> dict:
+def incompatibility_notes(params, sparsity_type, include=None, axis: Optional[int] = None) -> dict:
   """``{path: reason}`` for leaves selected by ``include`` that cannot take the pattern.
 
   Suitable as the ``notes`` of :func:`jaxprune.summary`.
   """
   from jaxprune.paths import include_fn, path_str
+
   st = parse_sparsity_type(sparsity_type)
   pred = include_fn(include)
   notes = {}
@@ -575,9 +591,11 @@ def select_compatible(params, pruned, cfg) -> Any:
     if reason is None:
       return True
     if explicit:
-      raise ValueError(f"sparsity_type={st.name!r} cannot apply to {path_str(keypath)!r} "
-                       f"(shape {tuple(np.shape(leaf))}), selected by include="
-                       f"{cfg['include']!r}: {reason}")
+      raise ValueError(
+        f"sparsity_type={st.name!r} cannot apply to {path_str(keypath)!r} "
+        f"(shape {tuple(np.shape(leaf))}), selected by include="
+        f"{cfg['include']!r}: {reason}"
+      )
     return False
 
   return jax.tree_util.tree_map_with_path(check, params, pruned)

@@ -1,4 +1,5 @@
 """Per-leaf size, non-zeros and sparsity of a pytree, with a printable table."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -23,16 +24,20 @@ class LeafSummary(NamedTuple):
 
 class Summary(NamedTuple):
   """Rows per leaf plus the total; ``str(summary)`` is an aligned table."""
+
   rows: tuple
   total: LeafSummary
 
   def __str__(self) -> str:
     header = ("parameter", "shape", "size", "nonzeros", "sparsity", "")
-    lines = [(r.path, str(r.shape), str(r.size), str(r.nonzeros), f"{r.sparsity:.4f}", r.note)
-             for r in (*self.rows, self.total)]
+    lines = [
+      (r.path, str(r.shape), str(r.size), str(r.nonzeros), f"{r.sparsity:.4f}", r.note)
+      for r in (*self.rows, self.total)
+    ]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-    fmt = lambda row: "  ".join(c.ljust(w) if i in (0, 1, 5) else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    fmt = lambda row: "  ".join(
+      c.ljust(w) if i in (0, 1, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+    ).rstrip()
     rule = "-" * len(fmt(tuple("-" * w for w in widths)))
     return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
 
@@ -54,11 +59,19 @@ def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None) -> S
       reason.
   """
   notes = dict(notes or {})
-  if algorithm is not None and algorithm.config.get("sparsity_type", "unstructured") != "unstructured":
+  if (
+    algorithm is not None
+    and algorithm.config.get("sparsity_type", "unstructured") != "unstructured"
+  ):
     from jaxprune import structured
+
     cfg = algorithm.config
-    notes = {**structured.incompatibility_notes(tree, cfg["sparsity_type"], cfg["include"], cfg.get("axis")),
-             **notes}
+    notes = {
+      **structured.incompatibility_notes(
+        tree, cfg["sparsity_type"], cfg["include"], cfg.get("axis")
+      ),
+      **notes,
+    }
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   mflat = [None] * len(flat) if masks is None else jax.tree.leaves(masks)
   if len(mflat) != len(flat):
@@ -68,7 +81,10 @@ def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None) -> S
     x = np.asarray(x)
     counted = x if m is None else np.broadcast_to(np.asarray(m), x.shape)
     path = path_str(p)
-    rows.append(LeafSummary(path, tuple(x.shape), int(x.size), int(np.count_nonzero(counted)),
-                            notes.get(path, "")))
+    rows.append(
+      LeafSummary(
+        path, tuple(x.shape), int(x.size), int(np.count_nonzero(counted)), notes.get(path, "")
+      )
+    )
   total = LeafSummary("total", (), sum(r.size for r in rows), sum(r.nonzeros for r in rows))
   return Summary(tuple(rows), total)

@@ -12,6 +12,7 @@ fused compare-and-sum that XLA shards like any reduction (no gather, no sort).
 Counts are float32 sums, exact while a count stays below 2**24, else int32.
 NaN scores rank lowest, below -inf.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Small models and training loops shared by the tests."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,13 @@ def tiny_problem(seed=0, n=64, d=12):
 
   def loss_fn(p):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+
   return params, loss_fn
 
 
 def train(tx, params, loss_fn, steps, apply_initial_masks=True, callback=None):
   import jaxprune
+
   state = tx.init(params)
   if apply_initial_masks:
     params = jaxprune.apply_masks(params, jaxprune.get_masks(state))

@@ -1,4 +1,5 @@
 """compact(): removing pruned neurons/channels gives the same outputs."""
+
 import math
 from typing import Sequence
 
@@ -65,7 +66,8 @@ def _init(model, x, seed=0):
   stats = shapes.get("batch_stats")
   if stats is not None:
     stats = jax.tree.map(
-        lambda p: jnp.asarray(np.abs(rng.normal(size=p.shape)) + 0.1, jnp.float32), stats)
+      lambda p: jnp.asarray(np.abs(rng.normal(size=p.shape)) + 0.1, jnp.float32), stats
+    )
   return params, stats
 
 
@@ -75,6 +77,7 @@ def _unit_masks(params, sparsity, last):
     if p.ndim >= 2 and not name.startswith(last):
       return S.structured_mask(jnp.abs(p), sparsity, "neuron")
     return jnp.asarray(True)
+
   return jax.tree_util.tree_map_with_path(make, params)
 
 
@@ -121,8 +124,13 @@ def test_mlp_batchnorm_and_inferred_order():
   model = MLP(feats, batch_norm=True)
   x = np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32)
   params, stats = _init(model, x, seed=3)
-  assert infer_layers(params, stats) == ["Dense_0", "BatchNorm_0", "Dense_1", "BatchNorm_1",
-                                         "Dense_2"]
+  assert infer_layers(params, stats) == [
+    "Dense_0",
+    "BatchNorm_0",
+    "Dense_1",
+    "BatchNorm_1",
+    "Dense_2",
+  ]
   masks = _unit_masks(params, 0.5, "Dense_2")
   out = compact(params, masks, stats)
   assert out.widths == [8, 4, 3]
@@ -146,8 +154,9 @@ def test_cascade_without_masks():
   assert out.widths == [4, 3, 2]
   np.testing.assert_array_equal(out.kept["Dense_1"], [0, 1, 3])
   assert out.masks is None
-  np.testing.assert_allclose(_apply(MLP((4, 3, 2)), out.params, None, x),
-                             _apply(model, params, None, x), atol=ATOL)
+  np.testing.assert_allclose(
+    _apply(MLP((4, 3, 2)), out.params, None, x), _apply(model, params, None, x), atol=ATOL
+  )
 
 
 def _cnn_setup(padding, pool):
@@ -166,14 +175,22 @@ def _cnn_setup(padding, pool):
 
 def test_cnn_batchnorm_same_padding():
   model, x, params, stats, masks, dead0 = _cnn_setup("SAME", "flatten")
-  assert infer_layers(params, stats) == ["Conv_0", "BatchNorm_0", "Conv_1", "BatchNorm_1",
-                                         "Dense_0", "Dense_1"]
+  assert infer_layers(params, stats) == [
+    "Conv_0",
+    "BatchNorm_0",
+    "Conv_1",
+    "BatchNorm_1",
+    "Dense_0",
+    "Dense_1",
+  ]
   out = compact(params, masks, stats)
   # Conv_0 feeds a SAME-padded Conv: only channels with constant output 0 go.
   n_pos = len(dead0[::2])
   assert out.widths == [4 + n_pos, 3, 5, 4]
   assert "Conv_1" in out.notes["Conv_0"] and "SAME" in out.notes["Conv_0"]
-  assert set(out.kept["Conv_0"]) >= set(dead0[::2]) and not set(out.kept["Conv_0"]) & set(dead0[1::2])
+  assert set(out.kept["Conv_0"]) >= set(dead0[::2]) and not set(out.kept["Conv_0"]) & set(
+    dead0[1::2]
+  )
   assert out.params["Conv_1"]["kernel"].shape == (3, 3, 4 + n_pos, 3)
   assert out.params["Dense_0"]["kernel"].shape == (7 * 7 * 3, 5)
   assert out.batch_stats["BatchNorm_1"]["var"].shape == (3,)
@@ -207,14 +224,17 @@ def test_explicit_layers_nested_paths():
   params, _ = _init(Net(), x)
   masks = jax.tree.map(lambda p: jnp.asarray(True), params)
   masks["enc"]["hidden"]["kernel"] = S.structured_mask(
-      jnp.abs(params["enc"]["hidden"]["kernel"]), 0.5, "neuron")
+    jnp.abs(params["enc"]["hidden"]["kernel"]), 0.5, "neuron"
+  )
   with pytest.raises(ValueError, match="'enc'"):
     compact(params, masks)  # cannot infer: not an auto-named Dense/Conv/BatchNorm
   out = compact(params, masks, layers=["enc/hidden", "head"])
   assert out.widths == [4, 3]
   assert out.params["enc"]["hidden"]["kernel"].shape == (4, 4)
   big = _apply(Net(), _masked(params, masks), None, x)
-  small = jax.nn.relu(x @ out.params["enc"]["hidden"]["kernel"] + out.params["enc"]["hidden"]["bias"])
+  small = jax.nn.relu(
+    x @ out.params["enc"]["hidden"]["kernel"] + out.params["enc"]["hidden"]["bias"]
+  )
   small = small @ out.params["head"]["kernel"] + out.params["head"]["bias"]
   np.testing.assert_allclose(small, big, atol=ATOL)
 
@@ -277,7 +297,11 @@ def test_refuses_non_chain_and_bad_inputs():
   with pytest.raises(ValueError, match="BatchNorm_0.*batch_stats"):
     compact(cparams)  # BatchNorm params without their statistics
   with pytest.raises(ValueError, match="Conv_0.*Dense_0"):
-    compact({"Dense_0": {"kernel": jnp.ones((4, 3))}, "Conv_0": {"kernel": jnp.ones((3, 3, 3, 2))}},
-            layers=["Dense_0", "Conv_0"])
+    compact(
+      {"Dense_0": {"kernel": jnp.ones((4, 3))}, "Conv_0": {"kernel": jnp.ones((3, 3, 3, 2))}},
+      layers=["Dense_0", "Conv_0"],
+    )
   with pytest.raises(ValueError, match="DenseGeneral_0"):
-    compact({"DenseGeneral_0": {"kernel": jnp.ones((4, 2, 3))}, "Dense_0": {"kernel": jnp.ones((6, 2))}})
+    compact(
+      {"DenseGeneral_0": {"kernel": jnp.ones((4, 2, 3))}, "Dense_0": {"kernel": jnp.ones((6, 2))}}
+    )

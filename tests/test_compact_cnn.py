@@ -1,4 +1,5 @@
 """The channel-pruning + compaction example, run in-process on a small budget."""
+
 import json
 
 import jax
@@ -11,9 +12,24 @@ from experiments import compact_cnn
 
 
 def test_compacted_cnn_matches_masked_cnn_and_is_smaller(tmp_path, capsys):
-  result = compact_cnn.main([
-      "--steps", "20", "--sparsity", "0.5", "--dataset", "digits", "--batch-size", "64",
-      "--eval-examples", "200", "--rounds", "1", "--workdir", str(tmp_path)])
+  result = compact_cnn.main(
+    [
+      "--steps",
+      "20",
+      "--sparsity",
+      "0.5",
+      "--dataset",
+      "digits",
+      "--batch-size",
+      "64",
+      "--eval-examples",
+      "200",
+      "--rounds",
+      "1",
+      "--workdir",
+      str(tmp_path),
+    ]
+  )
   stdout = capsys.readouterr().out
   assert json.loads(stdout.strip().splitlines()[-1]) == json.loads(json.dumps(result))
 
@@ -38,12 +54,18 @@ def test_compacted_cnn_matches_masked_cnn_and_is_smaller(tmp_path, capsys):
 
 def test_gradual_channel_pruning_never_revives_a_pruned_channel():
   # Masked entries score -inf; a unit holding them must rank lowest, not highest.
-  params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (16, 8)),
-                        "bias": jnp.zeros(8)},
-            "Dense_1": {"kernel": jax.random.normal(jax.random.key(1), (8, 4)),
-                        "bias": jnp.zeros(4)}}
-  algo = jaxprune.create("gradual_magnitude", sparsity=0.75, sparsity_type="neuron",
-                         include="Dense_0/kernel", end_step=4, update_every=1)
+  params = {
+    "Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (16, 8)), "bias": jnp.zeros(8)},
+    "Dense_1": {"kernel": jax.random.normal(jax.random.key(1), (8, 4)), "bias": jnp.zeros(4)},
+  }
+  algo = jaxprune.create(
+    "gradual_magnitude",
+    sparsity=0.75,
+    sparsity_type="neuron",
+    include="Dense_0/kernel",
+    end_step=4,
+    update_every=1,
+  )
   tx = jaxprune.sparsify(optax.sgd(0.01), algo)
   state = tx.init(params)
   update = jax.jit(tx.update)

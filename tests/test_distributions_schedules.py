@@ -30,8 +30,10 @@ def test_erk_makes_small_layer_dense_and_rebalances():
   assert s["a"] == pytest.approx(1 - 0.02 * eps)
 
 
-@given(dims=st.lists(st.tuples(st.integers(2, 64), st.integers(2, 64)), min_size=1, max_size=5),
-       sparsity=st.floats(0.05, 0.99))
+@given(
+  dims=st.lists(st.tuples(st.integers(2, 64), st.integers(2, 64)), min_size=1, max_size=5),
+  sparsity=st.floats(0.05, 0.99),
+)
 def test_erk_total_equals_uniform(dims, sparsity):
   params = {f"l{i}": jnp.zeros(d) for i, d in enumerate(dims)}
   s = jaxprune.erk(params, sparsity)
@@ -42,8 +44,10 @@ def test_erk_total_equals_uniform(dims, sparsity):
 
 
 def test_uniform_and_include_regex():
-  params = {"Dense_0": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)},
-            "Dense_1": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}}
+  params = {
+    "Dense_0": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros(4)},
+    "Dense_1": {"kernel": jnp.zeros((4, 2)), "bias": jnp.zeros(2)},
+  }
   s = jaxprune.uniform(params, 0.7, include="Dense_1/kernel")
   assert s == {"Dense_0": {"kernel": 0.0, "bias": 0.0}, "Dense_1": {"kernel": 0.7, "bias": 0.0}}
   s = jaxprune.uniform(params, 0.7, include=lambda path, leaf: path.endswith("bias"))
@@ -60,17 +64,25 @@ def test_polynomial_schedule_matches_formula():
 
 
 def test_schedules_one_shot_constant_cosine_and_periodic():
-  assert float(schedules.one_shot(0.8, 5)(4)) == 0.0 and float(schedules.one_shot(0.8, 5)(5)) == pytest.approx(0.8)
+  assert float(schedules.one_shot(0.8, 5)(4)) == 0.0 and float(
+    schedules.one_shot(0.8, 5)(5)
+  ) == pytest.approx(0.8)
   assert float(schedules.constant(0.3)(123)) == pytest.approx(0.3)
   d = schedules.cosine_drop_fraction(0.3, 1000)
-  assert float(d(0)) == pytest.approx(0.3) and float(d(500)) == pytest.approx(0.15) and float(d(1000)) == pytest.approx(0.0, abs=1e-7)
+  assert (
+    float(d(0)) == pytest.approx(0.3)
+    and float(d(500)) == pytest.approx(0.15)
+    and float(d(1000)) == pytest.approx(0.0, abs=1e-7)
+  )
   upd = jax.jit(schedules.periodic_updates(10, 45, 10))
   assert [t for t in range(60) if bool(upd(t))] == [10, 20, 30, 40, 45]
 
 
 def test_gradual_magnitude_reaches_final_exactly_at_end_step_and_stays():
   params, loss_fn = tiny_problem()
-  algo = jaxprune.create("gradual_magnitude", sparsity=0.9, start_step=2, end_step=17, update_every=5)
+  algo = jaxprune.create(
+    "gradual_magnitude", sparsity=0.9, start_step=2, end_step=17, update_every=5
+  )
   history = {}
 
   def record(i, p, s):
@@ -80,8 +92,8 @@ def test_gradual_magnitude_reaches_final_exactly_at_end_step_and_stays():
   k = "params/Dense_0/kernel"  # 12 x 32 = 384 entries
   n = 384
   final_keep = n - math.floor(0.9 * n)
-  assert history[15][k] > final_keep          # before the update at end_step
-  assert history[17][k] == final_keep         # the update at step 17 (= end_step) reaches it
+  assert history[15][k] > final_keep  # before the update at end_step
+  assert history[17][k] == final_keep  # the update at step 17 (= end_step) reaches it
   assert all(history[i][k] == final_keep for i in range(17, 30))
   # intermediate: the cubic schedule at step 7
   s7 = 0.9 * (1 - (1 - 5 / 15) ** 3)

@@ -20,7 +20,9 @@ def _random_mask(key, shape, sparsity):
 
 
 @settings(max_examples=15)
-@given(shape=shapes, sparsity=st.floats(0.01, 0.99), drop=st.floats(0.0, 1.0), seed=st.integers(0, 999))
+@given(
+  shape=shapes, sparsity=st.floats(0.01, 0.99), drop=st.floats(0.0, 1.0), seed=st.integers(0, 999)
+)
 def test_update_keeps_active_count_and_regrows_only_inactive(shape, sparsity, drop, seed):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   mask = np.broadcast_to(np.asarray(_random_mask(k1, shape, sparsity)), shape)
@@ -50,7 +52,9 @@ def test_rigl_grows_exactly_the_top_gradient_inactive_positions():
   params = {"w": jnp.array([[3.0, -2.0, 0.0, 0.0], [0.5, 0.0, 0.0, 4.0]])}
   masks = {"w": params["w"] != 0}
   grads = {"w": jnp.array([[9.0, 9.0, -0.3, 0.2], [9.0, 7.0, -5.0, 9.0]])}
-  algo = jaxprune.create("rigl", sparsity=0.5, drop_fraction=0.5, end_step=1000, distribution="uniform")
+  algo = jaxprune.create(
+    "rigl", sparsity=0.5, drop_fraction=0.5, end_step=1000, distribution="uniform"
+  )
   new, state = algo.update(jnp.int32(0), params, grads, masks, algo.init(params)[1])
   # 4 active -> drop 2 smallest |w| (0.5 and -2.0) -> grow top-|g| inactive: -5.0 and 7.0
   expected = np.array([[True, False, False, False], [False, True, True, True]])
@@ -65,8 +69,9 @@ def test_set_regrowth_is_roughly_uniform_over_seeds():
   params = {"w": jnp.where(mask, jnp.arange(1.0, 21.0).reshape(shape), 0.0)}
   counts = np.zeros(shape)
   trials = 300
-  algo = jaxprune.create("set", sparsity=0.75, drop_fraction=0.4, end_step=10**9, seed=3,
-                         distribution="uniform")
+  algo = jaxprune.create(
+    "set", sparsity=0.75, drop_fraction=0.4, end_step=10**9, seed=3, distribution="uniform"
+  )
   update = jax.jit(algo.update)
   state = algo.init(params)[1]
   for step in range(1, trials + 1):  # randomness differs per step: fold_in(seed, step)
@@ -82,15 +87,18 @@ def test_set_regrowth_is_roughly_uniform_over_seeds():
 
 
 OPTIMIZERS = {
-    "adam": lambda: optax.adam(1e-2),
-    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "lion": lambda: optax.lion(1e-3),
-    "chain_clip_adamw": lambda: optax.chain(optax.clip(1.0), optax.adamw(1e-2, weight_decay=0.1)),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
-    "multi_steps": lambda: optax.MultiSteps(optax.sgd(0.05, momentum=0.9), every_k_schedule=2),
-    "multi_transform": lambda: optax.multi_transform(
-        {"k": optax.adam(1e-2), "b": optax.sgd(0.1)},
-        lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "k" if "kernel" in str(path) else "b", p)),
+  "adam": lambda: optax.adam(1e-2),
+  "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+  "lion": lambda: optax.lion(1e-3),
+  "chain_clip_adamw": lambda: optax.chain(optax.clip(1.0), optax.adamw(1e-2, weight_decay=0.1)),
+  "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+  "multi_steps": lambda: optax.MultiSteps(optax.sgd(0.05, momentum=0.9), every_k_schedule=2),
+  "multi_transform": lambda: optax.multi_transform(
+    {"k": optax.adam(1e-2), "b": optax.sgd(0.1)},
+    lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: "k" if "kernel" in str(path) else "b", p
+    ),
+  ),
 }
 
 
@@ -99,8 +107,9 @@ def _per_param_state_leaves(inner_state, params):
   masked_node = lambda x: isinstance(x, optax.MaskedNode)
   match = lambda x: jax.tree.structure(x, is_leaf=masked_node) == pdef
   # MaskedNode entries (multi_transform) are replaced by zeros of the parameter's shape.
-  fill = lambda node: jax.tree.map(lambda x, p: jnp.zeros_like(p) if masked_node(x) else x,
-                                   node, params, is_leaf=masked_node)
+  fill = lambda node: jax.tree.map(
+    lambda x, p: jnp.zeros_like(p) if masked_node(x) else x, node, params, is_leaf=masked_node
+  )
   return [fill(x) for x in jax.tree.leaves(inner_state, is_leaf=match) if match(x)]
 
 
@@ -117,8 +126,12 @@ def test_regrown_weights_and_optimizer_state_start_at_zero(name, opt):
     masks = jaxprune.get_masks(s)
     assert_zeros_where_masked(p, masks)
     if "masks" in prev:
-      for pl, new, old, *states in zip(jax.tree.leaves(p), jax.tree.leaves(masks), jax.tree.leaves(prev["masks"]),
-                                       *[jax.tree.leaves(t) for t in _per_param_state_leaves(s.inner_state, p)]):
+      for pl, new, old, *states in zip(
+        jax.tree.leaves(p),
+        jax.tree.leaves(masks),
+        jax.tree.leaves(prev["masks"]),
+        *[jax.tree.leaves(t) for t in _per_param_state_leaves(s.inner_state, p)],
+      ):
         if np.ndim(new) == 0:
           continue
         grown = np.asarray(new) & ~np.asarray(old)
@@ -146,7 +159,9 @@ def test_200_step_training_keeps_zeros_and_reduces_loss(name):
     counts.append([int(np.sum(m)) for m in jax.tree.leaves(masks) if np.ndim(m)])
     assert_zeros_where_masked(p, masks)
 
-  params, state, losses = train(jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 200, callback=check)
+  params, state, losses = train(
+    jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 200, callback=check
+  )
   assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
   assert all(c == counts[0] for c in counts)
 
@@ -155,9 +170,18 @@ def test_nothing_changes_after_end_step_and_masks_move_before():
   params, loss_fn = tiny_problem()
   algo = jaxprune.create("rigl", sparsity=0.8, update_every=5, end_step=30)
   history = []
-  train(jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 60,
-        callback=lambda i, p, s: history.append([np.asarray(m) for m in jax.tree.leaves(jaxprune.get_masks(s))]))
-  changed = [i for i in range(1, 60) if any(np.any(a != b) for a, b in zip(history[i], history[i - 1]))]
+  train(
+    jaxprune.sparsify(optax.adam(1e-2), algo),
+    params,
+    loss_fn,
+    60,
+    callback=lambda i, p, s: history.append(
+      [np.asarray(m) for m in jax.tree.leaves(jaxprune.get_masks(s))]
+    ),
+  )
+  changed = [
+    i for i in range(1, 60) if any(np.any(a != b) for a, b in zip(history[i], history[i - 1]))
+  ]
   assert changed and max(changed) < 30
   assert all(i % 5 == 0 for i in changed)
 
@@ -172,7 +196,10 @@ def test_same_seed_same_masks_bitwise():
   for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   other = jaxprune.create("set", sparsity=0.7, update_every=3, end_step=20, seed=6).init(params)[0]
-  assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(other)))
+  assert any(
+    np.any(np.asarray(a) != np.asarray(b))
+    for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(other))
+  )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -202,7 +229,9 @@ def test_telemetry_under_jit():
   _, state, _ = train(jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 6)
   ss = jaxprune.get_sparse_state(state)
   assert int(ss.algo_state.updates) == 1
-  assert float(ss.algo_state.drop_fraction) == pytest.approx(0.15 * (1 + math.cos(math.pi * 5 / 100)), rel=1e-5)
+  assert float(ss.algo_state.drop_fraction) == pytest.approx(
+    0.15 * (1 + math.cos(math.pi * 5 / 100)), rel=1e-5
+  )
   changed = ss.algo_state.changed["params"]["Dense_1"]["kernel"]
   assert 0.0 < float(changed) <= 0.3
   assert float(ss.algo_state.changed["params"]["Dense_1"]["bias"]) == 0.0

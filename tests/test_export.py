@@ -1,4 +1,5 @@
 """Export: BCOO, compressed N:M, compressed checkpoints."""
+
 import io
 import os
 
@@ -17,8 +18,10 @@ from jaxprune import structured as S
 def _mlp_params(rng, sizes=((784, 1024), (1024, 10))):
   params = {}
   for i, (a, b) in enumerate(sizes):
-    params[f"Dense_{i}"] = {"kernel": rng.normal(size=(a, b)).astype(np.float32),
-                            "bias": rng.normal(size=b).astype(np.float32)}
+    params[f"Dense_{i}"] = {
+      "kernel": rng.normal(size=(a, b)).astype(np.float32),
+      "bias": rng.normal(size=b).astype(np.float32),
+    }
   return params
 
 
@@ -29,6 +32,7 @@ def _magnitude_masks(params, sparsity):
     k = p.size - int(np.floor(sparsity * p.size))
     thresh = np.sort(np.abs(p).ravel())[::-1][k - 1]
     return np.abs(p) >= thresh
+
   return jax.tree.map(make, params)
 
 
@@ -50,11 +54,13 @@ def test_to_bcoo_round_trip():
   assert out["Dense_1"]["kernel"] is params["Dense_1"]["kernel"]
   assert out["Dense_0"]["bias"] is params["Dense_0"]["bias"]
   dense = E.from_bcoo(out)
-  np.testing.assert_array_equal(dense["Dense_0"]["kernel"],
-                                np.where(masks["Dense_0"]["kernel"], params["Dense_0"]["kernel"], 0))
+  np.testing.assert_array_equal(
+    dense["Dense_0"]["kernel"], np.where(masks["Dense_0"]["kernel"], params["Dense_0"]["kernel"], 0)
+  )
   x = rng.normal(size=(4, 12)).astype(np.float32)
-  np.testing.assert_allclose(jnp.asarray(x) @ k, x @ np.asarray(dense["Dense_0"]["kernel"]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jnp.asarray(x) @ k, x @ np.asarray(dense["Dense_0"]["kernel"]), rtol=1e-5, atol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -62,8 +68,13 @@ def test_to_bcoo_round_trip():
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(nm=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2), (3, 3)]), groups=st.integers(1, 3),
-       other=st.integers(1, 3), conv=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+  nm=st.sampled_from([(2, 4), (1, 4), (4, 8), (1, 2), (3, 3)]),
+  groups=st.integers(1, 3),
+  other=st.integers(1, 3),
+  conv=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_nm_compress_round_trip(nm, groups, other, conv, seed):
   n, m = nm
   rng = np.random.default_rng(seed)
@@ -106,7 +117,10 @@ def test_nm_compress_layout_and_errors():
 def test_checkpoint_round_trip_exact(tmp_path):
   rng = np.random.default_rng(1)
   params = _mlp_params(rng, ((20, 16), (16, 4)))
-  params["emb"] = [jnp.asarray(rng.normal(size=(3, 5)), jnp.bfloat16), jnp.arange(4, dtype=jnp.int32)]
+  params["emb"] = [
+    jnp.asarray(rng.normal(size=(3, 5)), jnp.bfloat16),
+    jnp.arange(4, dtype=jnp.int32),
+  ]
   masks = _magnitude_masks(params, 0.8)
   masks["emb"] = [True, True]
   path = tmp_path / "ckpt.jxp"

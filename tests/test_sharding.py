@@ -3,6 +3,7 @@
 Neuron/channel types rank whole units, so their per-unit norms (one float per
 unit) are gathered; the parameters themselves never are.
 """
+
 import os
 import subprocess
 import sys
@@ -56,6 +57,8 @@ SCRIPT = textwrap.dedent("""
 
 def test_masks_sharded_like_params_without_gathers():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith("OK")

@@ -8,21 +8,23 @@ from helpers import assert_zeros_where_masked, tiny_problem, train
 import jaxprune
 
 OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(0.1),
-    "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
-    "adam": lambda: optax.adam(1e-2),
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
-    "lion": lambda: optax.lion(1e-3),
-    "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
-    "multi_steps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=3),
+  "sgd": lambda: optax.sgd(0.1),
+  "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
+  "adam": lambda: optax.adam(1e-2),
+  "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+  "lion": lambda: optax.lion(1e-3),
+  "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+  "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+  "multi_steps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=3),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_zeros_contract_every_step_for_each_optimizer(name):
   params, loss_fn = tiny_problem()
-  algo = jaxprune.create("gradual_magnitude", sparsity=0.8, start_step=0, end_step=12, update_every=4)
+  algo = jaxprune.create(
+    "gradual_magnitude", sparsity=0.8, start_step=0, end_step=12, update_every=4
+  )
   tx = jaxprune.sparsify(OPTIMIZERS[name](), algo)
   initial = params
   checked = []
@@ -45,7 +47,9 @@ def test_zeros_contract_every_step_for_each_optimizer(name):
 
 def test_nested_sparse_state_is_found():
   params, loss_fn = tiny_problem()
-  tx = optax.chain(optax.clip(1.0), jaxprune.sparsify(optax.sgd(0.1), jaxprune.create("magnitude", sparsity=0.5)))
+  tx = optax.chain(
+    optax.clip(1.0), jaxprune.sparsify(optax.sgd(0.1), jaxprune.create("magnitude", sparsity=0.5))
+  )
   outer = optax.MultiSteps(tx, every_k_schedule=2)
   state = outer.init(params)
   masks = jaxprune.get_masks(state)
@@ -100,10 +104,14 @@ def test_mask_update_does_not_retrace():
   for _ in range(12):
     params, state = step(params, state)
   assert len(traces) == 1
-  assert jaxprune.summary(params, jaxprune.get_masks(state)).as_dict()["params/Dense_1/kernel"] == pytest.approx(0.9, abs=1e-2)
+  assert jaxprune.summary(params, jaxprune.get_masks(state)).as_dict()[
+    "params/Dense_1/kernel"
+  ] == pytest.approx(0.9, abs=1e-2)
 
 
-@pytest.mark.parametrize("name", ["dense", "magnitude", "gradual_magnitude", "global_magnitude", "random", "static"])
+@pytest.mark.parametrize(
+  "name", ["dense", "magnitude", "gradual_magnitude", "global_magnitude", "random", "static"]
+)
 def test_every_algorithm_trains_and_reduces_loss(name):
   params, loss_fn = tiny_problem()
   algo = jaxprune.create(name, sparsity=0.5, end_step=20, update_every=5, distribution="uniform")

@@ -1,4 +1,5 @@
 """Tests for N:M, block and neuron/channel masks and the structure regularisers."""
+
 import math
 
 import jax
@@ -34,7 +35,9 @@ def _ref_topk(flat_scores, k):
 # parse / validate
 
 
-@pytest.mark.parametrize("s, expect", [
+@pytest.mark.parametrize(
+  "s, expect",
+  [
     ("2:4", S.SparsityType("nm", 2, 4, (), "2:4")),
     (" 1:4 ", S.SparsityType("nm", 1, 4, (), "1:4")),
     ("4:8", S.SparsityType("nm", 4, 8, (), "4:8")),
@@ -42,13 +45,29 @@ def _ref_topk(flat_scores, k):
     ("Neuron", S.SparsityType("unit", name="neuron")),
     ("channel", S.SparsityType("unit", name="channel")),
     ("unstructured", S.SparsityType("unstructured")),
-])
+  ],
+)
 def test_parse_valid(s, expect):
   assert S.parse_sparsity_type(s) == expect
 
 
-@pytest.mark.parametrize("bad", ["3:2", "0:4", "2:0", "2:4:8", "", "2-4", "block:0x4",
-                                 "block:4", "neurons", "2:4 block", ":4", "a:b"])
+@pytest.mark.parametrize(
+  "bad",
+  [
+    "3:2",
+    "0:4",
+    "2:0",
+    "2:4:8",
+    "",
+    "2-4",
+    "block:0x4",
+    "block:4",
+    "neurons",
+    "2:4 block",
+    ":4",
+    "a:b",
+  ],
+)
 def test_parse_invalid_strings(bad):
   with pytest.raises(ValueError, match="sparsity_type") as e:
     S.parse_sparsity_type(bad)
@@ -96,9 +115,14 @@ def test_incompatibility():
 
 
 @SETTINGS
-@given(nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (5, 16), (8, 32), (4, 4)]),
-       groups=st.integers(1, 4), other=st.integers(1, 5), conv=st.booleans(),
-       ties=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+  nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (5, 16), (8, 32), (4, 4)]),
+  groups=st.integers(1, 4),
+  other=st.integers(1, 5),
+  conv=st.booleans(),
+  ties=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_nm_exact_counts_and_reference(nm, groups, other, conv, ties, seed):
   n, m = nm
   rng = np.random.default_rng(seed)
@@ -116,8 +140,8 @@ def test_nm_exact_counts_and_reference(nm, groups, other, conv, ties, seed):
   mk = np.moveaxis(mask, -2, -1)
   for idx in np.ndindex(x.shape[:-1]):
     for g in range(groups):
-      seg = x[idx][g * m:(g + 1) * m]
-      np.testing.assert_array_equal(mk[idx][g * m:(g + 1) * m], _ref_topk(list(seg), n))
+      seg = x[idx][g * m : (g + 1) * m]
+      np.testing.assert_array_equal(mk[idx][g * m : (g + 1) * m], _ref_topk(list(seg), n))
 
 
 def test_nm_axis_choice():
@@ -154,9 +178,15 @@ def test_nm_jit_and_sparsity_ignored():
 
 
 @SETTINGS
-@given(r=st.sampled_from([1, 2, 4]), c=st.sampled_from([1, 2, 3]), gr=st.integers(1, 5),
-       gc=st.integers(1, 4), sparsity=st.floats(0.0, 0.99), ties=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+  r=st.sampled_from([1, 2, 4]),
+  c=st.sampled_from([1, 2, 3]),
+  gr=st.integers(1, 5),
+  gc=st.integers(1, 4),
+  sparsity=st.floats(0.0, 0.99),
+  ties=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_block_exact(r, c, gr, gc, sparsity, ties, seed):
   rng = np.random.default_rng(seed)
   shape = (gr * r, gc * c)
@@ -190,8 +220,14 @@ def test_block_ties_lower_index():
 
 
 @SETTINGS
-@given(units=st.integers(1, 12), rows=st.integers(1, 6), conv=st.booleans(),
-       sparsity=st.floats(0.0, 0.99), ties=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+  units=st.integers(1, 12),
+  rows=st.integers(1, 6),
+  conv=st.booleans(),
+  sparsity=st.floats(0.0, 0.99),
+  ties=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_unit_exact(units, rows, conv, sparsity, ties, seed):
   rng = np.random.default_rng(seed)
   shape = (2, 2, rows, units) if conv else (rows, units)
@@ -244,10 +280,13 @@ def test_bad_sparsity_value():
 
 def _params():
   rng = np.random.default_rng(0)
-  return {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
-                      "bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
-          "Dense_1": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-                      "bias": jnp.zeros(3)}}
+  return {
+    "Dense_0": {
+      "kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+    },
+    "Dense_1": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.zeros(3)},
+  }
 
 
 def test_penalties_values():
@@ -258,8 +297,10 @@ def test_penalties_values():
   gl = np.linalg.norm(k0, axis=0).sum() + np.linalg.norm(k1, axis=0).sum()
   np.testing.assert_allclose(R.group_lasso_penalty(p), gl, rtol=1e-6)
   np.testing.assert_allclose(
-      R.group_lasso_penalty(p, include=lambda path, x: path == "Dense_0/kernel"),
-      np.linalg.norm(k0, axis=0).sum(), rtol=1e-6)
+    R.group_lasso_penalty(p, include=lambda path, x: path == "Dense_0/kernel"),
+    np.linalg.norm(k0, axis=0).sum(),
+    rtol=1e-6,
+  )
 
 
 def test_group_lasso_gradient_finite_at_zero_unit():
@@ -307,6 +348,7 @@ def test_prox_group_lasso_zeroes_whole_units_and_compacts():
   assert int(state.count) == 1
   # Zeroed units are found without masks and removed.
   from jaxprune.compact import compact
+
   out = compact(new)
   assert out.widths == [2, 3]
   x = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
@@ -324,15 +366,22 @@ def test_nan_units_and_blocks_rank_lowest():
   m = np.asarray(S.structured_mask(jnp.asarray(x), 0.25, "neuron"))
   np.testing.assert_array_equal(m.any(0), [False, True, True, True])
   m = np.asarray(S.structured_mask(jnp.asarray(x), 0.75, "block:2x2"))
-  np.testing.assert_array_equal(m.reshape(2, 2, 2, 2).any(axis=(1, 3)), [[False, True], [False, False]])
+  np.testing.assert_array_equal(
+    m.reshape(2, 2, 2, 2).any(axis=(1, 3)), [[False, True], [False, False]]
+  )
 
 
 def test_select_compatible_and_notes():
-  params = {"a": {"kernel": jnp.ones((8, 3))}, "b": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)}}
+  params = {
+    "a": {"kernel": jnp.ones((8, 3))},
+    "b": {"kernel": jnp.ones((6, 3)), "bias": jnp.ones(3)},
+  }
   pruned = {"a": {"kernel": True}, "b": {"kernel": True, "bias": False}}
   cfg = {"sparsity_type": "2:4", "include": None}
-  assert S.select_compatible(params, pruned, cfg) == {"a": {"kernel": True},
-                                                      "b": {"kernel": False, "bias": False}}
+  assert S.select_compatible(params, pruned, cfg) == {
+    "a": {"kernel": True},
+    "b": {"kernel": False, "bias": False},
+  }
   notes = S.incompatibility_notes(params, "2:4")
   assert list(notes) == ["b/kernel"] and "not divisible by M=4" in notes["b/kernel"]
   with pytest.raises(ValueError, match=r"'b/kernel'.*2:4.*divisible"):
@@ -344,8 +393,12 @@ def test_select_compatible_and_notes():
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
-@given(nm=st.sampled_from([(2, 4), (1, 4), (3, 4), (4, 8)]), d=st.floats(0.0, 1.0),
-       conv=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+  nm=st.sampled_from([(2, 4), (1, 4), (3, 4), (4, 8)]),
+  d=st.floats(0.0, 1.0),
+  conv=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_replace_connections_nm_keeps_pattern(nm, d, conv, seed):
   n, m = nm
   rng = np.random.default_rng(seed)
@@ -377,8 +430,9 @@ def test_replace_connections_nm_grows_by_gradient():
   assert int(n_rep) == 1
 
 
-@pytest.mark.parametrize("stype, shape", [("neuron", (6, 8)), ("channel", (3, 3, 2, 8)),
-                                          ("block:2x2", (8, 8))])
+@pytest.mark.parametrize(
+  "stype, shape", [("neuron", (6, 8)), ("channel", (3, 3, 2, 8)), ("block:2x2", (8, 8))]
+)
 def test_replace_connections_whole_groups(stype, shape):
   rng = np.random.default_rng(7)
   w = jnp.asarray(rng.normal(size=shape), jnp.float32)

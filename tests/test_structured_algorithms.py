@@ -1,4 +1,5 @@
 """Structured sparsity through jaxprune.create / sparsify (the algorithm side)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,13 @@ from jaxprune.structured import group_counts
 
 def test_gradual_nm_ramps_by_steps_of_the_pattern():
   params, loss_fn = tiny_problem()
-  algo = jaxprune.create("gradual_magnitude", sparsity_type="2:4", end_step=20, update_every=5,
-                         include="Dense_[01]/kernel")
+  algo = jaxprune.create(
+    "gradual_magnitude",
+    sparsity_type="2:4",
+    end_step=20,
+    update_every=5,
+    include="Dense_[01]/kernel",
+  )
   seen = []
 
   def record(i, p, s):
@@ -29,8 +35,14 @@ def test_gradual_nm_ramps_by_steps_of_the_pattern():
 @pytest.mark.parametrize("name", ["set", "rigl"])
 def test_nm_dst_keeps_constraint_after_every_update(name):
   params, loss_fn = tiny_problem()
-  algo = jaxprune.create(name, sparsity_type="2:4", update_every=3, end_step=30, drop_fraction=0.5,
-                         include="Dense_[01]/kernel")
+  algo = jaxprune.create(
+    name,
+    sparsity_type="2:4",
+    update_every=3,
+    end_step=30,
+    drop_fraction=0.5,
+    include="Dense_[01]/kernel",
+  )
   changes = []
 
   def check(i, p, s):
@@ -38,16 +50,23 @@ def test_nm_dst_keeps_constraint_after_every_update(name):
     for path in ("Dense_0", "Dense_1"):
       m = np.asarray(masks["params"][path]["kernel"])
       assert np.all(group_counts(m, 4, axis=0) == 2)
-    changes.append(float(jaxprune.get_sparse_state(s).algo_state.changed["params"]["Dense_0"]["kernel"]))
+    changes.append(
+      float(jaxprune.get_sparse_state(s).algo_state.changed["params"]["Dense_0"]["kernel"])
+    )
 
-  _, _, losses = train(jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 31, callback=check)
+  _, _, losses = train(
+    jaxprune.sparsify(optax.adam(1e-2), algo), params, loss_fn, 31, callback=check
+  )
   assert max(changes) > 0
   assert losses[-1] < losses[0]
 
 
 def test_neuron_sparsity_and_summary_notes_for_skipped_leaves():
-  params = {"Dense_0": {"kernel": jnp.ones((6, 8)) * jnp.arange(8.0)}, "Dense_1": {"kernel": jnp.ones((8, 3))},
-            "odd": jnp.ones((3, 5))}
+  params = {
+    "Dense_0": {"kernel": jnp.ones((6, 8)) * jnp.arange(8.0)},
+    "Dense_1": {"kernel": jnp.ones((8, 3))},
+    "odd": jnp.ones((3, 5)),
+  }
   algo = jaxprune.create("magnitude", sparsity=0.5, sparsity_type="2:4")
   masks = jaxprune.sparsify(optax.sgd(0.1), algo).init(params).masks
   assert masks["odd"].shape == ()  # 3 rows are not divisible by 4: skipped, not pruned

@@ -10,90 +10,131 @@ from experiments import plots, sweep
 
 
 def row(algorithm, sparsity, seed, accuracy):
-    return {"algorithm": algorithm, "target_sparsity": sparsity, "seed": seed,
-            "test_accuracy": accuracy, "sparsity": sparsity or 0.0,
-            "layer_sparsity": {"Dense_0/kernel": sparsity or 0.0, "Dense_0/bias": 0.0,
-                               "Dense_1/kernel": (sparsity or 0.0) / 2, "total": 0.5}}
+  return {
+    "algorithm": algorithm,
+    "target_sparsity": sparsity,
+    "seed": seed,
+    "test_accuracy": accuracy,
+    "sparsity": sparsity or 0.0,
+    "layer_sparsity": {
+      "Dense_0/kernel": sparsity or 0.0,
+      "Dense_0/bias": 0.0,
+      "Dense_1/kernel": (sparsity or 0.0) / 2,
+      "total": 0.5,
+    },
+  }
 
 
-ROWS = [row("dense", None, 0, 0.88), row("dense", None, 1, 0.90),
-        row("rigl", 0.9, 0, 0.87), row("rigl", 0.9, 1, 0.86), row("rigl", 0.98, 0, 0.80),
-        row("set", 0.9, 0, 0.85)]
+ROWS = [
+  row("dense", None, 0, 0.88),
+  row("dense", None, 1, 0.90),
+  row("rigl", 0.9, 0, 0.87),
+  row("rigl", 0.9, 1, 0.86),
+  row("rigl", 0.98, 0, 0.80),
+  row("set", 0.9, 0, 0.85),
+]
 
 
 def test_plan_runs_dense_once_per_seed():
-    runs = sweep.plan(["dense", "rigl", "static"], [0.8, 0.9], [0, 1])
-    assert len(runs) == 2 * (1 + 2 + 2)
-    assert [r.name for r in runs[:3]] == ["dense_seed0", "rigl_sparsity0.8_seed0",
-                                          "rigl_sparsity0.9_seed0"]
-    assert len({r.name for r in runs}) == len(runs)
+  runs = sweep.plan(["dense", "rigl", "static"], [0.8, 0.9], [0, 1])
+  assert len(runs) == 2 * (1 + 2 + 2)
+  assert [r.name for r in runs[:3]] == [
+    "dense_seed0",
+    "rigl_sparsity0.8_seed0",
+    "rigl_sparsity0.9_seed0",
+  ]
+  assert len({r.name for r in runs}) == len(runs)
 
 
 def test_run_argv_applies_the_recipe_and_extra_overrides():
-    spec = sweep.RunSpec("rigl", 0.9, 2)
-    argv = sweep.run_argv(spec, config="c.py", steps=2000, workdir="/w",
-                          extra=["batch_size=64", "--config.update_every=50"])
-    assert argv[:5] == ["--config=c.py", "--config.algorithm=rigl", "--config.seed=2",
-                        "--config.steps=2000", "--config.workdir=/w/rigl_sparsity0.9_seed2"]
-    assert "--config.sparsity=0.9" in argv and "--config.end_step=1500" in argv
-    assert "--config.start_step=0" in argv and argv[-2:] == ["--config.batch_size=64",
-                                                           "--config.update_every=50"]
-    gm = sweep.run_argv(sweep.RunSpec("gradual_magnitude", 0.8, 0), config="c.py", steps=2000,
-                        workdir="/w")
-    assert "--config.start_step=200" in gm and "--config.end_step=1500" in gm
-    dense = sweep.run_argv(sweep.RunSpec("dense", None, 0), config="c.py", steps=10, workdir="/w")
-    assert not any("sparsity" in a or "end_step" in a for a in dense)
+  spec = sweep.RunSpec("rigl", 0.9, 2)
+  argv = sweep.run_argv(
+    spec,
+    config="c.py",
+    steps=2000,
+    workdir="/w",
+    extra=["batch_size=64", "--config.update_every=50"],
+  )
+  assert argv[:5] == [
+    "--config=c.py",
+    "--config.algorithm=rigl",
+    "--config.seed=2",
+    "--config.steps=2000",
+    "--config.workdir=/w/rigl_sparsity0.9_seed2",
+  ]
+  assert "--config.sparsity=0.9" in argv and "--config.end_step=1500" in argv
+  assert "--config.start_step=0" in argv and argv[-2:] == [
+    "--config.batch_size=64",
+    "--config.update_every=50",
+  ]
+  gm = sweep.run_argv(
+    sweep.RunSpec("gradual_magnitude", 0.8, 0), config="c.py", steps=2000, workdir="/w"
+  )
+  assert "--config.start_step=200" in gm and "--config.end_step=1500" in gm
+  dense = sweep.run_argv(sweep.RunSpec("dense", None, 0), config="c.py", steps=10, workdir="/w")
+  assert not any("sparsity" in a or "end_step" in a for a in dense)
 
 
 def test_aggregate_and_markdown_table():
-    stats = sweep.aggregate(ROWS)
-    mean, std, n = stats[("dense", None)]
-    assert (mean, n) == (pytest.approx(89.0), 2) and std == pytest.approx(1.41421356, rel=1e-6)
-    assert stats[("rigl", 0.98)] == (pytest.approx(80.0), 0.0, 1)
-    table = sweep.markdown_table(ROWS, ["dense", "set", "rigl"], [0.9, 0.98])
-    lines = table.splitlines()
-    assert lines[0] == "| algorithm | 0.9 | 0.98 |"
-    assert lines[2] == "| dense (reference) | 89.00 ± 1.41 (2) | 89.00 ± 1.41 (2) |"
-    assert lines[3] == "| set | 85.00 ± 0.00 (1) | – |"
-    assert lines[4] == "| rigl | 86.50 ± 0.71 (2) | 80.00 ± 0.00 (1) |"
+  stats = sweep.aggregate(ROWS)
+  mean, std, n = stats[("dense", None)]
+  assert (mean, n) == (pytest.approx(89.0), 2) and std == pytest.approx(1.41421356, rel=1e-6)
+  assert stats[("rigl", 0.98)] == (pytest.approx(80.0), 0.0, 1)
+  table = sweep.markdown_table(ROWS, ["dense", "set", "rigl"], [0.9, 0.98])
+  lines = table.splitlines()
+  assert lines[0] == "| algorithm | 0.9 | 0.98 |"
+  assert lines[2] == "| dense (reference) | 89.00 ± 1.41 (2) | 89.00 ± 1.41 (2) |"
+  assert lines[3] == "| set | 85.00 ± 0.00 (1) | – |"
+  assert lines[4] == "| rigl | 86.50 ± 0.71 (2) | 80.00 ± 0.00 (1) |"
 
 
 def test_plots_write_png_files(tmp_path):
-    path = plots.accuracy_vs_sparsity(ROWS, str(tmp_path / "acc.png"))
-    layer = plots.layer_sparsity(ROWS, "rigl", str(tmp_path / "layers.png"))
-    for p in (path, layer):
-        with open(p, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  path = plots.accuracy_vs_sparsity(ROWS, str(tmp_path / "acc.png"))
+  layer = plots.layer_sparsity(ROWS, "rigl", str(tmp_path / "layers.png"))
+  for p in (path, layer):
+    with open(p, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):  # noqa: F811
-    workdir, results = str(tmp_path / "sweep"), str(tmp_path / "results")
-    # TINY's settings after the recipe's, so RigL's programs are those of
-    # test_train's runs (compiled once per session).
-    extra = [a.removeprefix("--config.") for a in TINY[1:]
-             if not a.startswith(("--config.algorithm", "--config.sparsity="))]
-    argv = ["--algorithms=dense,rigl", "--sparsities=0.8", "--seeds=0", "--steps=12",
-            f"--workdir={workdir}", f"--results_dir={results}", f"--config={CONFIG}",
-            f"--compile_cache={compile_cache}", *[f"--set={e}" for e in extra]]
-    assert sweep.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "[sweep] 1/2 dense_seed0" in out and "[sweep] 2/2 rigl_sparsity0.8_seed0" in out
-    rows = [json.loads(line) for line in open(os.path.join(results, "results.jsonl"))]
-    assert sorted(r["algorithm"] for r in rows) == ["dense", "rigl"]
-    assert all(r["steps"] == 12 for r in rows)
-    table = open(os.path.join(results, "results.md")).read()
-    assert "| dense (reference) |" in table and "| rigl |" in table and "(1)" in table
-    for name in ("accuracy_vs_sparsity.png", "layer_sparsity_rigl.png"):
-        assert os.path.getsize(os.path.join(results, name)) > 1000
-    # Resumable: finished runs are skipped, not retrained.
-    assert sweep.main(argv) == 0
-    out = capsys.readouterr().out
-    assert out.count("(done before)") == 2
+  workdir, results = str(tmp_path / "sweep"), str(tmp_path / "results")
+  # TINY's settings after the recipe's, so RigL's programs are those of
+  # test_train's runs (compiled once per session).
+  extra = [
+    a.removeprefix("--config.")
+    for a in TINY[1:]
+    if not a.startswith(("--config.algorithm", "--config.sparsity="))
+  ]
+  argv = [
+    "--algorithms=dense,rigl",
+    "--sparsities=0.8",
+    "--seeds=0",
+    "--steps=12",
+    f"--workdir={workdir}",
+    f"--results_dir={results}",
+    f"--config={CONFIG}",
+    f"--compile_cache={compile_cache}",
+    *[f"--set={e}" for e in extra],
+  ]
+  assert sweep.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "[sweep] 1/2 dense_seed0" in out and "[sweep] 2/2 rigl_sparsity0.8_seed0" in out
+  rows = [json.loads(line) for line in open(os.path.join(results, "results.jsonl"))]
+  assert sorted(r["algorithm"] for r in rows) == ["dense", "rigl"]
+  assert all(r["steps"] == 12 for r in rows)
+  table = open(os.path.join(results, "results.md")).read()
+  assert "| dense (reference) |" in table and "| rigl |" in table and "(1)" in table
+  for name in ("accuracy_vs_sparsity.png", "layer_sparsity_rigl.png"):
+    assert os.path.getsize(os.path.join(results, name)) > 1000
+  # Resumable: finished runs are skipped, not retrained.
+  assert sweep.main(argv) == 0
+  out = capsys.readouterr().out
+  assert out.count("(done before)") == 2
 
 
 def test_bad_sweep_flags_are_rejected(capsys):
-    with pytest.raises(SystemExit):
-        sweep.parse_args(["--algorithms=dense,lottery"])
-    assert "unknown algorithm" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        sweep.parse_args(["--sparsities=0.9,1.0"])
+  with pytest.raises(SystemExit):
+    sweep.parse_args(["--algorithms=dense,lottery"])
+  assert "unknown algorithm" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    sweep.parse_args(["--sparsities=0.9,1.0"])

@@ -27,8 +27,9 @@ def test_exact_kept_count_magnitude(shape, sparsity, seed):
 
 
 @settings(max_examples=15)
-@given(shape=shapes, k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
-       levels=st.integers(1, 4))
+@given(
+  shape=shapes, k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), levels=st.integers(1, 4)
+)
 def test_topk_with_heavy_ties_is_exact_and_lowest_index_first(shape, k_frac, seed, levels):
   n = math.prod(shape)
   k = int(round(k_frac * n))

@@ -30,7 +30,11 @@ def _run(params, loss_fn, algo, steps=6):
 
 
 def test_plain_dict_params():
-  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 5)), "b": jnp.zeros(5), "scale": jnp.float32(1.0)}
+  params = {
+    "w": jax.random.normal(jax.random.PRNGKey(0), (8, 5)),
+    "b": jnp.zeros(5),
+    "scale": jnp.float32(1.0),
+  }
   loss_fn = lambda p: jnp.sum((jnp.ones((2, 8)) @ p["w"] * p["scale"] + p["b"]) ** 2)
   params, masks = _run(params, loss_fn, jaxprune.create("magnitude", sparsity=0.6))
   assert np.asarray(masks["w"]).sum() == 40 - 24
@@ -75,6 +79,7 @@ def test_flax_linen_conv_params():
 
 # --- bad input -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", [1.0, -0.1, 1.5, float("nan")])
 def test_sparsity_out_of_range(value):
   with pytest.raises(ValueError, match="sparsity"):
@@ -97,8 +102,17 @@ def test_unknown_key_lists_valid_keys():
 
 
 def test_common_keys_accepted_by_every_algorithm():
-  common = dict(sparsity=0.5, distribution="uniform", include=None, start_step=0, end_step=10,
-                update_every=5, drop_fraction=0.3, seed=1, sparsity_type="unstructured")
+  common = dict(
+    sparsity=0.5,
+    distribution="uniform",
+    include=None,
+    start_step=0,
+    end_step=10,
+    update_every=5,
+    drop_fraction=0.3,
+    seed=1,
+    sparsity_type="unstructured",
+  )
   for name in jaxprune.REGISTRY:
     assert jaxprune.create(name, **common).name == name
 

@@ -11,12 +11,11 @@ import importlib
 
 import ml_collections
 
-NAMES = ("fmnist_mlp", "fmnist_cnn", "cifar10_wrn22_2", "cifar10_resnet18",
-         "imagenet_resnet50")
+NAMES = ("fmnist_mlp", "fmnist_cnn", "cifar10_wrn22_2", "cifar10_resnet18", "imagenet_resnet50")
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
-    """The config of recipe `name` (one of `NAMES`)."""
-    if name not in NAMES:
-        raise ValueError(f"Unknown config {name!r}; one of {NAMES}.")
-    return importlib.import_module(f"experiments.configs.{name}").get_config()
+  """The config of recipe `name` (one of `NAMES`)."""
+  if name not in NAMES:
+    raise ValueError(f"Unknown config {name!r}; one of {NAMES}.")
+  return importlib.import_module(f"experiments.configs.{name}").get_config()

@@ -13,6 +13,6 @@ from experiments.configs import common
 
 
 def get_config():
-    c = common.cifar10_rigl_config("cifar10_resnet18", "resnet18")
-    c.model_kwargs.num_filters = 64
-    return c
+  c = common.cifar10_rigl_config("cifar10_resnet18", "resnet18")
+  c.model_kwargs.num_filters = 64
+  return c

@@ -11,7 +11,7 @@ from experiments.configs import common
 
 
 def get_config():
-    c = common.cifar10_rigl_config("cifar10_wrn22_2", "wrn")
-    c.model_kwargs.depth = 22
-    c.model_kwargs.width = 2
-    return c
+  c = common.cifar10_rigl_config("cifar10_wrn22_2", "wrn")
+  c.model_kwargs.depth = 22
+  c.model_kwargs.width = 2
+  return c

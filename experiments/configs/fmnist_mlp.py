@@ -16,25 +16,25 @@ from experiments.configs import common
 
 
 def get_config():
-    c = common.base_config("fmnist_mlp")
-    c.dataset = "fashion_mnist"
-    c.num_classes = 10
-    c.model = "mlp"
-    c.model_kwargs.features = (300, 100)
+  c = common.base_config("fmnist_mlp")
+  c.dataset = "fashion_mnist"
+  c.num_classes = 10
+  c.model = "mlp"
+  c.model_kwargs.features = (300, 100)
 
-    c.batch_size = 128
-    c.steps = 3000
-    c.optimizer = "adam"
-    c.learning_rate = 1e-3
-    c.lr_schedule = "constant"
+  c.batch_size = 128
+  c.steps = 3000
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.lr_schedule = "constant"
 
-    c.eval_every = 500
-    c.log_every = 100
-    c.checkpoint_every = 1000
+  c.eval_every = 500
+  c.log_every = 100
+  c.checkpoint_every = 1000
 
-    c.algorithm = "gradual_magnitude"
-    c.sparsity = 0.9
-    c.start_step = common.fraction_of_steps(c, 0.1)
-    c.end_step = common.fraction_of_steps(c, 0.6)
-    c.update_every = 100
-    return c
+  c.algorithm = "gradual_magnitude"
+  c.sparsity = 0.9
+  c.start_step = common.fraction_of_steps(c, 0.1)
+  c.end_step = common.fraction_of_steps(c, 0.6)
+  c.update_every = 100
+  return c

@@ -31,38 +31,38 @@ KERNELS_BUT_STEM = r"^(?!(.*/)?stem_conv/).*kernel$"
 
 
 def get_config():
-    c = common.base_config("imagenet_resnet50")
-    c.dataset = "imagenet2012"
-    c.num_classes = 1000
-    c.image_size = 224
-    c.model = "resnet50"
-    c.model_kwargs.num_filters = 64
-    c.model_kwargs.zero_init_residual = False
-    c.dtype = "bfloat16"
+  c = common.base_config("imagenet_resnet50")
+  c.dataset = "imagenet2012"
+  c.num_classes = 1000
+  c.image_size = 224
+  c.model = "resnet50"
+  c.model_kwargs.num_filters = 64
+  c.model_kwargs.zero_init_residual = False
+  c.dtype = "bfloat16"
 
-    c.batch_size = BATCH
-    c.eval_batch_size = 1024
-    c.steps = STEPS
-    c.optimizer = "sgd"
-    c.momentum = 0.9
-    c.nesterov = True
-    c.learning_rate = 0.1 * BATCH / 256
-    c.warmup_steps = round(5 * STEPS_PER_EPOCH)
-    c.lr_schedule = "step"
-    c.lr_decay_boundaries = tuple(e * STEPS_PER_EPOCH / STEPS for e in (30, 70, 90))
-    c.lr_decay_factor = 0.1
-    c.weight_decay = 1e-4
-    c.label_smoothing = 0.1
+  c.batch_size = BATCH
+  c.eval_batch_size = 1024
+  c.steps = STEPS
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.nesterov = True
+  c.learning_rate = 0.1 * BATCH / 256
+  c.warmup_steps = round(5 * STEPS_PER_EPOCH)
+  c.lr_schedule = "step"
+  c.lr_decay_boundaries = tuple(e * STEPS_PER_EPOCH / STEPS for e in (30, 70, 90))
+  c.lr_decay_factor = 0.1
+  c.weight_decay = 1e-4
+  c.label_smoothing = 0.1
 
-    c.eval_every = 2_000
-    c.log_every = 100
-    c.checkpoint_every = 1_000
+  c.eval_every = 2_000
+  c.log_every = 100
+  c.checkpoint_every = 1_000
 
-    c.algorithm = "rigl"
-    c.sparsity = 0.8
-    c.distribution = "erk"
-    c.end_step = common.fraction_of_steps(c, 25_000 / STEPS)
-    c.update_every = 100
-    c.drop_fraction = 0.3
-    c.include = KERNELS_BUT_STEM
-    return c
+  c.algorithm = "rigl"
+  c.sparsity = 0.8
+  c.distribution = "erk"
+  c.end_step = common.fraction_of_steps(c, 25_000 / STEPS)
+  c.update_every = 100
+  c.drop_fraction = 0.3
+  c.include = KERNELS_BUT_STEM
+  return c

@@ -1,4 +1,5 @@
 """Algorithm registry: ``jaxprune.create(name, **config)``."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -9,14 +10,14 @@ from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, m
 from jaxprune.algorithms.random import dense, random, static
 
 REGISTRY: dict[str, Callable[..., Algorithm]] = {
-    "dense": dense,
-    "magnitude": magnitude,
-    "gradual_magnitude": gradual_magnitude,
-    "global_magnitude": global_magnitude,
-    "random": random,
-    "static": static,
-    "set": set_,
-    "rigl": rigl,
+  "dense": dense,
+  "magnitude": magnitude,
+  "gradual_magnitude": gradual_magnitude,
+  "global_magnitude": global_magnitude,
+  "random": random,
+  "static": static,
+  "set": set_,
+  "rigl": rigl,
 }
 
 

@@ -1,4 +1,5 @@
 """The value every algorithm is: how to make the first masks, when and how to update them."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
@@ -23,6 +24,7 @@ class Algorithm(NamedTuple):
       ``grads`` are the dense gradients given to ``tx.update``.
     changes_masks: False when ``update`` is never called (dense, static).
   """
+
   name: str
   config: Mapping[str, Any]
   init: Callable
@@ -44,6 +46,7 @@ def targets(cfg, params):
   pruned = pruned_leaves(params, cfg["include"])
   if cfg["sparsity_type"] != "unstructured":
     from jaxprune import structured
+
     pruned = structured.select_compatible(params, pruned, cfg)
   sparsity = cfg["sparsity"] if cfg["sparsity"] is not None else 0.0
   sparsities = distributions.resolve(cfg["distribution"], params, sparsity, _as_include(pruned))
@@ -60,8 +63,9 @@ def _as_include(pruned):
 
 def full_masks(params, pruned):
   """All-True masks of full shape for pruned leaves, scalar True elsewhere."""
-  return jax.tree.map(lambda p, sel: jnp.ones(jnp.shape(p), jnp.bool_) if sel else dense_mask(),
-                      params, pruned)
+  return jax.tree.map(
+    lambda p, sel: jnp.ones(jnp.shape(p), jnp.bool_) if sel else dense_mask(), params, pruned
+  )
 
 
 def select(cfg, scores, pruned, keep):
@@ -72,13 +76,16 @@ def select(cfg, scores, pruned, keep):
   per-leaf sparsities handed to :func:`jaxprune.structured.structured_mask`.
   """
   stype = cfg["sparsity_type"]
+
   def leaf(s, sel, k):
     if not sel:
       return dense_mask()
     if stype == "unstructured":
       return topk.topk_mask(s, k)
     from jaxprune import structured
+
     return structured.structured_mask(s, k, stype, axis=cfg.get("axis"))
+
   return jax.tree.map(leaf, scores, pruned, keep)
 
 
@@ -92,13 +99,14 @@ def keep_counts(cfg, params, sparsities):
 
 def all_true_init(cfg):
   """``init`` for algorithms that start dense and prune later: all-True masks."""
+
   def init(params):
     pruned, _ = targets(cfg, params)
     return full_masks(params, pruned), ()
+
   return init
 
 
 def step_key(cfg, step):
   """Per-update randomness: ``fold_in(PRNGKey(seed), step)``."""
   return jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), step)
-

@@ -20,6 +20,7 @@ for growth, so masks stay valid (counts unchanged) whatever the gradients hold.
 With ``sparsity=0`` every mask is all True, nothing can be grown, and training
 is dense.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ class DSTState(NamedTuple):
       update (0.0 for leaves that are not pruned).
     updates: number of mask updates so far.
   """
+
   drop_fraction: jax.Array
   changed: Any
   updates: jax.Array
@@ -111,13 +113,18 @@ def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
         continue
       if cfg["sparsity_type"] != "unstructured":
         from jaxprune import structured
-        new_m, n_drop = structured.replace_connections(m, w, g, d, cfg["sparsity_type"], cfg["axis"])
+
+        new_m, n_drop = structured.replace_connections(
+          m, w, g, d, cfg["sparsity_type"], cfg["axis"]
+        )
       else:
         new_m, n_drop = replace_connections(m, w, g, d)
       new_masks.append(new_m)
       changed.append(n_drop.astype(jnp.float32) / jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0))
-    return (jax.tree.unflatten(treedef, new_masks),
-            DSTState(d, jax.tree.unflatten(treedef, changed), state.updates + 1))
+    return (
+      jax.tree.unflatten(treedef, new_masks),
+      DSTState(d, jax.tree.unflatten(treedef, changed), state.updates + 1),
+    )
 
   return base.Algorithm(name, cfg, init, is_update_step, update)
 

@@ -2,6 +2,7 @@
 
 Masks only shrink: an entry pruned once is never revived (its score is -inf).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,13 @@ DEFAULTS = dict(distribution="uniform", update_every=100)
 
 def masked_magnitude(params, masks):
   """``|w|`` where the mask is True, -inf where it is False."""
-  return jax.tree.map(lambda p, m: jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf)
-                      if is_pruned_mask(m) else jnp.abs(p), params, masks)
+  return jax.tree.map(
+    lambda p, m: (
+      jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf) if is_pruned_mask(m) else jnp.abs(p)
+    ),
+    params,
+    masks,
+  )
 
 
 def magnitude(**config) -> base.Algorithm:
@@ -35,7 +41,9 @@ def magnitude(**config) -> base.Algorithm:
     keep = base.keep_counts(cfg, params, sparsities)
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
-  return base.Algorithm("magnitude", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update)
+  return base.Algorithm(
+    "magnitude", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update
+  )
 
 
 def gradual_magnitude(**config) -> base.Algorithm:
@@ -47,12 +55,17 @@ def gradual_magnitude(**config) -> base.Algorithm:
   sparsity is reached exactly at ``end_step`` and kept. Extra keys:
   ``initial_sparsity`` (default 0.0), ``power`` (default 3).
   """
-  cfg = config_lib.validate("gradual_magnitude", config, DEFAULTS,
-                            extra_keys=dict(initial_sparsity=0.0, power=3.0))
+  cfg = config_lib.validate(
+    "gradual_magnitude", config, DEFAULTS, extra_keys=dict(initial_sparsity=0.0, power=3.0)
+  )
   config_lib.require_sparsity("gradual_magnitude", cfg)
   config_lib.require("gradual_magnitude", cfg, "end_step")
   s_i = config_lib.fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
-  if isinstance(cfg["power"], bool) or not isinstance(cfg["power"], (int, float)) or not cfg["power"] > 0:
+  if (
+    isinstance(cfg["power"], bool)
+    or not isinstance(cfg["power"], (int, float))
+    or not cfg["power"] > 0
+  ):
     raise ValueError(f"power must be a positive number, got {cfg['power']!r}")
   t0, t1 = cfg["start_step"], cfg["end_step"]
 
@@ -60,17 +73,28 @@ def gradual_magnitude(**config) -> base.Algorithm:
     pruned, sparsities = base.targets(cfg, params)
     frac = schedules.progress(step, t0, t1)
     if cfg["sparsity_type"] == "unstructured":
-      keep = jax.tree.map(lambda p, s: schedules.polynomial_keep_count(
-          jnp.size(p), min(s_i, s), s, frac, cfg["power"]), params, sparsities)
+      keep = jax.tree.map(
+        lambda p, s: schedules.polynomial_keep_count(
+          jnp.size(p), min(s_i, s), s, frac, cfg["power"]
+        ),
+        params,
+        sparsities,
+      )
     elif structured.parse_sparsity_type(cfg["sparsity_type"]).kind == "nm":
       return _nm_ramp(cfg, params, masks, pruned, frac), state
     else:
-      keep = jax.tree.map(lambda s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(step),
-                          sparsities)
+      keep = jax.tree.map(
+        lambda s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(step), sparsities
+      )
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
-  return base.Algorithm("gradual_magnitude", cfg, base.all_true_init(cfg),
-                        schedules.periodic_updates(t0, t1, cfg["update_every"]), update)
+  return base.Algorithm(
+    "gradual_magnitude",
+    cfg,
+    base.all_true_init(cfg),
+    schedules.periodic_updates(t0, t1, cfg["update_every"]),
+    update,
+  )
 
 
 def global_magnitude(**config) -> base.Algorithm:
@@ -85,8 +109,10 @@ def global_magnitude(**config) -> base.Algorithm:
   cfg = config_lib.validate("global_magnitude", config, DEFAULTS)
   config_lib.require_sparsity("global_magnitude", cfg)
   if cfg["sparsity_type"] != "unstructured":
-    raise ValueError("global_magnitude: sparsity_type must be 'unstructured' "
-                     f"(one threshold across leaves), got {cfg['sparsity_type']!r}")
+    raise ValueError(
+      "global_magnitude: sparsity_type must be 'unstructured' "
+      f"(one threshold across leaves), got {cfg['sparsity_type']!r}"
+    )
   t0 = cfg["start_step"]
   t1 = cfg["end_step"] if cfg["end_step"] is not None else t0
   s = cfg["sparsity"]
@@ -103,8 +129,11 @@ def global_magnitude(**config) -> base.Algorithm:
     old = jax.tree.leaves(masks)
     return jax.tree.unflatten(treedef, [next(kept) if c else m for c, m in zip(sel, old)]), state
 
-  is_update = (schedules.periodic_updates(t0, t1, cfg["update_every"]) if t1 > t0
-               else (lambda step: step == t0))
+  is_update = (
+    schedules.periodic_updates(t0, t1, cfg["update_every"])
+    if t1 > t0
+    else (lambda step: step == t0)
+  )
   return base.Algorithm("global_magnitude", cfg, base.all_true_init(cfg), is_update, update)
 
 
@@ -119,5 +148,13 @@ def _nm_ramp(cfg, params, masks, pruned, frac):
   progress = 1.0 - (1.0 - frac) ** cfg["power"]
   n_t = jnp.where(frac >= 1.0, st.n, st.m - jnp.floor((st.m - st.n) * progress).astype(jnp.int32))
   scores = masked_magnitude(params, masks)
-  return jax.tree.map(lambda s, sel, m: structured.nm_mask_from_scores(s, n_t, st.m, cfg["axis"] if cfg["axis"] is not None else -2)
-                      if sel else m, scores, pruned, masks)
+  return jax.tree.map(
+    lambda s, sel, m: (
+      structured.nm_mask_from_scores(s, n_t, st.m, cfg["axis"] if cfg["axis"] is not None else -2)
+      if sel
+      else m
+    ),
+    scores,
+    pruned,
+    masks,
+  )

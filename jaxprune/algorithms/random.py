@@ -1,4 +1,5 @@
 """Random pruning (one-shot) and static random sparsity from initialisation."""
+
 from __future__ import annotations
 
 import jax
@@ -26,7 +27,9 @@ def random(**config) -> base.Algorithm:
     new = _random_masks(cfg, params, step)
     return jax.tree.map(lambda n, m: n & m, new, masks), state
 
-  return base.Algorithm("random", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update)
+  return base.Algorithm(
+    "random", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update
+  )
 
 
 def static(**config) -> base.Algorithm:
