@@ -7,7 +7,7 @@ from typing import Callable
 from jaxprune.algorithms.base import Algorithm
 from jaxprune.algorithms.dst import rigl, set_
 from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
-from jaxprune.algorithms.random import dense, random, static
+from jaxprune.algorithms.random import dense, fixed, random, static
 
 REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "dense": dense,
@@ -16,6 +16,7 @@ REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "global_magnitude": global_magnitude,
   "random": random,
   "static": static,
+  "fixed": fixed,
   "set": set_,
   "rigl": rigl,
 }

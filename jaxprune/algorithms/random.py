@@ -1,13 +1,15 @@
-"""Random pruning (one-shot) and static random sparsity from initialisation."""
+"""Static masks: random pruning (one-shot), static random sparsity, user-given fixed masks."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import config as config_lib
 from jaxprune.algorithms import base
-from jaxprune.masks import random_scores
+from jaxprune.masks import check_masks, dense_mask, random_scores
+from jaxprune.paths import path_str
 
 
 def _random_masks(cfg, params, step):
@@ -46,3 +48,60 @@ def dense(**config) -> base.Algorithm:
   cfg = config_lib.validate("dense", config, dict(distribution="uniform"))
   init = lambda params: (jax.tree.map(lambda p: jnp.ones((), jnp.bool_), params), ())
   return base.Algorithm("dense", cfg, init, base.never, base.no_update, changes_masks=False)
+
+
+def _as_bool_masks(masks):
+  """User masks as bool leaves; 0/1 numbers are accepted only if exactly 0 and 1."""
+
+  def leaf(path, m):
+    m = np.asarray(m)
+    if m.dtype == np.bool_:
+      return m
+    if not (np.issubdtype(m.dtype, np.floating) or np.issubdtype(m.dtype, np.integer)):
+      raise ValueError(f"fixed: mask at {path_str(path)!r} has dtype {m.dtype}; use bool or 0/1")
+    if not np.all((m == 0) | (m == 1)):
+      bad = m[(m != 0) & (m != 1)].ravel()[0]
+      raise ValueError(
+        f"fixed: mask at {path_str(path)!r} holds {bad!r}; numeric masks must be exactly 0 or 1"
+      )
+    return m == 1
+
+  return jax.tree_util.tree_map_with_path(leaf, masks)
+
+
+def fixed(**config) -> base.Algorithm:
+  """Trains with user-given masks, kept exactly: lottery tickets (Frankle & Carbin
+  2019), masks from a sparse checkpoint or from one-shot pruning, masks from
+  :func:`jaxprune.snip_masks` and the other pruning-at-init functions.
+
+  Config: ``masks`` (required), a tree with exactly the params' structure whose
+  leaves are bool arrays of the parameter's shape, or numeric arrays holding
+  exactly 0 and 1, or scalars (a scalar True leaves its parameter dense; a
+  scalar False prunes all of it). Every common key is accepted and ignored, so
+  that a sweep can pass one config to every algorithm; a missing ``masks`` is
+  reported by ``init``. A structure or shape mismatch raises a ValueError
+  naming the path.
+  """
+  cfg = config_lib.validate("fixed", config, dict(distribution="uniform"), dict(masks=None))
+  given = None if cfg["masks"] is None else _as_bool_masks(cfg["masks"])
+
+  def init(params):
+    if given is None:
+      raise ValueError("fixed: config key 'masks' is required")
+    p_def = jax.tree.structure(params)
+    if jax.tree.structure(given) != p_def:
+      check_masks(params, jax.tree.map(jnp.asarray, given))  # names the first differing path
+
+    def leaf(path, p, m):
+      if m.ndim == 0:
+        return dense_mask() if bool(m) else jnp.zeros(jnp.shape(p), jnp.bool_)
+      if m.shape != jnp.shape(p):
+        raise ValueError(
+          f"fixed: mask at {path_str(path)!r} has shape {m.shape}, "
+          f"its parameter has shape {jnp.shape(p)}"
+        )
+      return jnp.asarray(m)
+
+    return jax.tree_util.tree_map_with_path(leaf, params, given), ()
+
+  return base.Algorithm("fixed", cfg, init, base.never, base.no_update, changes_masks=False)
