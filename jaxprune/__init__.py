@@ -5,7 +5,9 @@ that a jitted training step keeps the parameters sparse.
 """
 
 from jaxprune.algorithms import REGISTRY, Algorithm, create, register
+from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
 from jaxprune.distributions import erk, uniform
+from jaxprune.flops import Flops, LayerFlops, flops
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
 from jaxprune.paths import path_str
 from jaxprune.sparsify import SparseState, get_masks, get_sparse_state, sparsify
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
   "Algorithm",
+  "Flops",
+  "LayerFlops",
   "REGISTRY",
   "SparseState",
   "Summary",
@@ -23,15 +27,19 @@ __all__ = [
   "check_masks",
   "create",
   "erk",
+  "flops",
   "get_masks",
   "get_sparse_state",
+  "grasp_masks",
   "keep_count",
   "magnitude_masks",
   "path_str",
   "random_masks",
   "register",
+  "snip_masks",
   "sparsify",
   "summary",
+  "synflow_masks",
   "topk_mask",
   "topk_masks",
   "uniform",

@@ -16,6 +16,8 @@ class LeafSummary(NamedTuple):
   size: int
   nonzeros: int
   note: str = ""
+  flops_dense: Optional[int] = None  # Forward FLOPs of the products using this leaf.
+  flops_sparse: Optional[float] = None
 
   @property
   def sparsity(self) -> float:
@@ -34,9 +36,15 @@ class Summary(NamedTuple):
       (r.path, str(r.shape), str(r.size), str(r.nonzeros), f"{r.sparsity:.4f}", r.note)
       for r in (*self.rows, self.total)
     ]
+    if self.total.flops_dense is not None:  # FLOPs columns before the note.
+      header = (*header[:5], "dense FLOPs", "sparse FLOPs", "")
+      lines = [
+        (*line[:5], *_flops_cells(r), line[5]) for line, r in zip(lines, (*self.rows, self.total))
+      ]
+    left = (0, 1, len(header) - 1)
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     fmt = lambda row: "  ".join(
-      c.ljust(w) if i in (0, 1, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+      c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
     ).rstrip()
     rule = "-" * len(fmt(tuple("-" * w for w in widths)))
     return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
@@ -46,7 +54,13 @@ class Summary(NamedTuple):
     return {**{r.path: r.sparsity for r in self.rows}, "total": self.total.sparsity}
 
 
-def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None) -> Summary:
+def _flops_cells(row: LeafSummary) -> tuple:
+  if row.flops_dense is None:
+    return ("", "")
+  return (f"{row.flops_dense:,}", f"{row.flops_sparse:,.0f}")
+
+
+def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None, flops=None) -> Summary:
   """Summarises a tree of arrays (params, or a masks tree on its own).
 
   Args:
@@ -57,6 +71,9 @@ def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None) -> S
     algorithm: optional; with a structured ``sparsity_type``, the leaves it
       skipped because their shape cannot take the pattern are noted with the
       reason.
+    flops: optional ``jaxprune.flops(...)`` result of the same params; its
+      per-layer dense and sparse forward FLOPs are shown next to the sparsity
+      (the total row: the whole model, products without a parameter included).
   """
   notes = dict(notes or {})
   if (
@@ -87,4 +104,11 @@ def summary(tree, masks=None, notes: Optional[dict] = None, algorithm=None) -> S
       )
     )
   total = LeafSummary("total", (), sum(r.size for r in rows), sum(r.nonzeros for r in rows))
+  if flops is not None:
+    per_leaf = flops.as_dict()
+    rows = [r._replace(flops_dense=per_leaf.get(r.path, (None,))[0]) for r in rows]
+    rows = [
+      r._replace(flops_sparse=per_leaf[r.path][1]) if r.flops_dense is not None else r for r in rows
+    ]
+    total = total._replace(flops_dense=flops.dense, flops_sparse=flops.sparse)
   return Summary(tuple(rows), total)
