@@ -52,6 +52,9 @@ OPERATIONAL_KEYS = frozenset(
     "checkpoint_every",
     "eval_batch_size",
     "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
     "model_parallel",
     "steps",
   }

@@ -230,12 +230,21 @@ class Source:
   Behaves like a TFDS data source (`len`, `[i]`, `__getitems__`) returning raw
   records `{"image": uint8 array, "label": int, ...}`; `Batches` turns them into
   normalised (and, for training, augmented) float32 batches.
+
+  `dataset` names the data actually read: the spec's name, except for the
+  Fashion-MNIST fallback, which reads "digits" (shaped like Fashion-MNIST).
+  Results record it (see `experiments.train`).
   """
 
   records: Any
   spec: DatasetSpec
   split: str
   origin: str
+  dataset: str = ""  # The data actually read; "" means `spec.name`.
+
+  def __post_init__(self):
+    if not self.dataset:
+      object.__setattr__(self, "dataset", self.spec.name)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -271,7 +280,7 @@ class Source:
 
   def __repr__(self) -> str:
     return (
-      f"Source({self.spec.name!r}, split={self.split!r}, examples={len(self)}, from {self.origin})"
+      f"Source({self.dataset!r}, split={self.split!r}, examples={len(self)}, from {self.origin})"
     )
 
 
@@ -339,7 +348,9 @@ def _load_fashion_mnist(spec: DatasetSpec, split: str, data_dir: str) -> Source:
         "scikit-learn's 8x8 digits, upsampled and padded to 28x28x1.",
         flush=True,
       )
-      return Source(digits.load_split(split), spec, split, "scikit-learn digits (fallback)")
+      return Source(
+        digits.load_split(split), spec, split, "scikit-learn digits (fallback)", dataset="digits"
+      )
   records = data_source(name, split, data_dir, spec.prepare)
   return Source(records, spec, split, f"tfds {name} in {data_dir}")
 

@@ -16,7 +16,7 @@ Afterwards `--results_dir` (default: `--workdir`) gets
 
 - `results.jsonl`: one result object per run (see `experiments.train`);
 - `results.md`: test accuracy, mean ± std over seeds, per algorithm x
-  sparsity, with dense as the reference row;
+  sparsity, with dense as the reference row, and the dataset the runs read;
 - `accuracy_vs_sparsity.png` and `layer_sparsity_<algorithm>.png`.
 
 Recipe applied to every run (later `--set KEY=VALUE` flags override it):
@@ -26,6 +26,10 @@ schedule); SET and RigL update masks every 100 steps from step 0 until 75% of
 library default distribution (uniform for magnitude pruning, ERK for static,
 SET and RigL). A persistent XLA compilation cache (`--compile_cache`, default
 `<workdir>/jax_cache`) spares recompiling identical programs.
+
+Every result records the dataset its run actually read (`dataset`; "digits"
+when Fashion-MNIST is missing and the fallback is used); a sweep whose runs
+read different datasets writes no table and exits with status 1.
 """
 
 from __future__ import annotations
@@ -131,8 +135,34 @@ def finished_result(run_dir: str, config) -> dict | None:
     saved = json.load(f)
   same = not checkpoint.differences(checkpoint.fingerprint(saved), checkpoint.fingerprint(config))
   if same and result.get("steps") == config.steps and saved.get("steps") == config.steps:
-    return result
+    # Results written before runs recorded their dataset are redone (the run
+    # resumes from its final checkpoint, so only the evaluation is repeated).
+    return result if result.get("dataset") else None
   return None
+
+
+def dataset_of(rows: Iterable[dict]) -> str:
+  """The one dataset of `rows`; ValueError if they mix datasets (or lack one).
+
+  A fallback (e.g. Fashion-MNIST missing, digits read instead) shows up here,
+  so accuracies on different data never share a table or a plot.
+  """
+  runs = collections.defaultdict(list)
+  for r in rows:
+    runs[r.get("dataset")].append(r.get("workdir") or r.get("algorithm"))
+  if not runs:
+    raise ValueError("no results to tabulate")
+  if None in runs:
+    raise ValueError(
+      f"results without a recorded dataset cannot be tabulated: {sorted(map(str, runs[None]))}"
+    )
+  if len(runs) > 1:
+    listed = "; ".join(f"{d}: {sorted(map(str, w))}" for d, w in sorted(runs.items()))
+    raise ValueError(
+      f"runs on different datasets cannot share one table: {listed}. "
+      "Tabulate each dataset separately (a separate --results_dir)."
+    )
+  return next(iter(runs))
 
 
 # ------------------------------------------------------------------ statistics
@@ -164,7 +194,9 @@ def markdown_table(
   """Test accuracy (%) as mean ± std (n seeds): algorithms x target sparsities.
 
   The dense row repeats its single value in every column as the reference.
+  Raises ValueError if the rows mix datasets (see `dataset_of`).
   """
+  dataset_of(rows)
   stats = aggregate(rows)
   if sparsities is None:
     sparsities = sorted({s for (_, s) in stats if s is not None})
@@ -191,9 +223,14 @@ def write_outputs(
   sparsities: Sequence[float],
   title: str = "",
 ) -> dict:
-  """results.jsonl, results.md and the plots in `results_dir`; returns their paths."""
+  """results.jsonl, results.md and the plots in `results_dir`; returns their paths.
+
+  Raises ValueError, before writing anything, if the rows mix datasets.
+  """
   from experiments import plots
 
+  dataset = dataset_of(rows)
+  title = f"{title}, {dataset}" if title else dataset
   os.makedirs(results_dir, exist_ok=True)
   paths = {
     "results": os.path.join(results_dir, "results.jsonl"),
@@ -205,7 +242,8 @@ def write_outputs(
       f.write(json.dumps(r, sort_keys=True) + "\n")
   table = markdown_table(rows, algorithms, sparsities)
   with open(paths["table"], "w") as f:
-    f.write(f"Test accuracy (%), mean ± std over seeds (n runs){': ' + title if title else ''}\n\n")
+    f.write(f"Test accuracy (%), mean ± std over seeds (n runs): {title}\n\n")
+    f.write(f"Dataset: {dataset}\n\n")
     f.write(table + "\n")
   plots.accuracy_vs_sparsity(rows, paths["accuracy_plot"], title=title)
   for algo in algorithms:
@@ -367,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   wall = time.time() - t0
   title = f"{os.path.basename(args.config).removesuffix('.py')}, {args.steps} steps"
   if rows:
-    paths = write_outputs(rows, results_dir, args.algorithms, args.sparsities, title)
+    try:
+      paths = write_outputs(rows, results_dir, args.algorithms, args.sparsities, title)
+    except ValueError as e:
+      print(f"[sweep] error: {e}", flush=True)
+      return 1
     print(markdown_table(rows, args.algorithms, args.sparsities))
     print(
       f"[sweep] {len(rows)} runs in {wall:.0f} s; wrote " + ", ".join(sorted(paths.values())),

@@ -19,8 +19,14 @@ What a run does:
   state) are also split along "model" (see `experiments.sharding`). The
   jitted step sees the global batch, so BatchNorm statistics are computed over
   the whole global batch, exactly as on one device. `--config.distributed=True`
-  calls `jax.distributed.initialize()` first (multi-host pods; each host reads
-  its own slice of every batch).
+  calls `jax.distributed.initialize()` first (multi-host pods where the cluster
+  is auto-detected); elsewhere pass `--config.coordinator_address=HOST:PORT
+  --config.num_processes=N --config.process_id=I` to each of the N processes
+  (CPU hosts included: their collectives go through gloo). Each process reads
+  its own slice of every global batch; the result is that of one process with
+  all the devices (same global batch). Process 0 writes `config.json`,
+  `metrics.jsonl` and `result.json`; checkpoints are written by orbax, every
+  process its part, in the shared workdir.
 - Loss: softmax cross-entropy with `label_smoothing`; weight decay comes with
   the optimizer (`experiments.configs.common.optimizer`), wrapped by
   `jaxprune.sparsify`.
@@ -43,8 +49,9 @@ What a run does:
   new line's means then cover only the steps since the restored one).
 - At the end: the per-layer sparsity table (`jaxprune.summary`), then, as the
   last line printed, one JSON object: `test_accuracy`, `test_loss`, `sparsity`,
-  `overall_sparsity`, `steps`, `devices`, `wall_s`, `algorithm`, `seed`, ...
-  (also written to `<workdir>/result.json`).
+  `overall_sparsity`, `steps`, `devices`, `wall_s`, `algorithm`, `seed`,
+  `dataset` (the data actually read: "digits" when Fashion-MNIST fell back to
+  them), ... (also written to `<workdir>/result.json`).
 
 Sparsity is measured on the final params: `sparsity` is the fraction of exact
 zeros among the entries of the leaves the algorithm prunes (leaves with a
@@ -191,6 +198,56 @@ def check_config(config) -> None:
     raise ConfigError("config.workdir must be set")
   if not 0.0 <= float(config.label_smoothing) < 1.0:
     raise ConfigError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
+
+
+DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id")
+
+
+def distributed_kwargs(config) -> dict | None:
+  """Keyword arguments of `jax.distributed.initialize`, or None for one process.
+
+  `distributed=True` alone: {} (the cluster is auto-detected, e.g. on TPU pods
+  or under SLURM). `coordinator_address`, `num_processes` and `process_id`
+  (all three; they imply `distributed`) are passed through, for processes that
+  no cluster environment describes, such as several CPU hosts.
+  """
+  given = {k: config.get(k) for k in DISTRIBUTED_KEYS if config.get(k) is not None}
+  if not given:
+    return {} if config.get("distributed") else None
+  missing = [k for k in DISTRIBUTED_KEYS if k not in given]
+  if missing:
+    raise ConfigError(
+      f"config.{missing[0]} must be set together with "
+      + ", ".join(f"config.{k}" for k in given)
+      + f" (multi-process runs need all of {', '.join(DISTRIBUTED_KEYS)})"
+    )
+  host, _, port = given["coordinator_address"].rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(
+      f"config.coordinator_address must be HOST:PORT, got {given['coordinator_address']!r}"
+    )
+  if given["num_processes"] < 1:
+    raise ConfigError(f"config.num_processes must be >= 1, got {given['num_processes']}")
+  if not 0 <= given["process_id"] < given["num_processes"]:
+    raise ConfigError(
+      f"config.process_id must be in [0, num_processes={given['num_processes']}), "
+      f"got {given['process_id']}"
+    )
+  return given
+
+
+def init_distributed(config) -> None:
+  """`jax.distributed.initialize` for multi-process runs (before any JAX work).
+
+  On CPU, cross-process collectives go through gloo (TCP), so processes with
+  CPU devices only can train together.
+  """
+  kwargs = distributed_kwargs(config)
+  if kwargs is None:
+    return
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
 
 
 def create_algorithm(config) -> jaxprune.Algorithm:
@@ -505,6 +562,11 @@ def build(config) -> Setup:
   spec = data.get_spec(config)
   train_source = load_split(config, spec.train_split)
   test_source = load_split(config, spec.eval_split)
+  if train_source.dataset != test_source.dataset:
+    raise ConfigError(
+      f"config.dataset={config.dataset!r}: the train split was read from "
+      f"{train_source.dataset!r} but the test split from {test_source.dataset!r}"
+    )
   if config.get("num_classes") is not None and config.num_classes != train_source.num_classes:
     raise ConfigError(
       f"config.num_classes={config.num_classes} but the dataset has "
@@ -642,6 +704,7 @@ def final_result(
   prunes = any(np.ndim(m) > 0 for m in jax.tree.leaves(masks))
   result = {
     "config": config.name,
+    "dataset": setup.train_source.dataset,
     "algorithm": setup.algorithm.name,
     "target_sparsity": config.sparsity if prunes else None,
     "seed": int(config.seed),
@@ -673,8 +736,7 @@ def train(config, *, out=None) -> tuple[TrainState, dict]:
   say = lambda *a: print(*a, file=out, flush=True)
   t_start = time.time()
   check_config(config)
-  if config.distributed:
-    jax.distributed.initialize()
+  init_distributed(config)
   setup = build(config)
   primary = jax.process_index() == 0
   workdir = os.path.abspath(config.workdir)

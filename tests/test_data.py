@@ -171,6 +171,10 @@ def test_fallback_to_digits_when_fashion_mnist_is_absent(monkeypatch, tmp_path, 
   assert "falling back" in capsys.readouterr().out
   test = data.load("fashion_mnist", "test", str(tmp_path / "empty"))
   assert "digits" in train.origin
+  # The data actually read is named, not the one asked for.
+  assert (train.dataset, test.dataset) == ("digits", "digits")
+  assert train.spec.name == "fashion_mnist" and "'digits'" in repr(train)
+  assert data.load("digits", "test").dataset == "digits"
   assert (len(train), len(test)) == (1500, 297)
   assert train.input_shape == (28, 28, 1)
   assert not os.path.exists(tmp_path / "empty" / fashion_mnist_local.NAME)

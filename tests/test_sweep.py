@@ -9,8 +9,9 @@ from test_train import CONFIG, TINY, compile_cache  # noqa: F401 (fixture)
 from experiments import plots, sweep
 
 
-def row(algorithm, sparsity, seed, accuracy):
+def row(algorithm, sparsity, seed, accuracy, dataset="fashion_mnist"):
   return {
+    "dataset": dataset,
     "algorithm": algorithm,
     "target_sparsity": sparsity,
     "seed": seed,
@@ -88,6 +89,21 @@ def test_aggregate_and_markdown_table():
   assert lines[4] == "| rigl | 86.50 ± 0.71 (2) | 80.00 ± 0.00 (1) |"
 
 
+def test_runs_on_different_datasets_never_share_a_table(tmp_path):
+  mixed = [*ROWS, row("rigl", 0.9, 2, 0.95, dataset="digits")]
+  with pytest.raises(ValueError, match="different datasets.*digits.*fashion_mnist"):
+    sweep.markdown_table(mixed)
+  results = str(tmp_path / "results")
+  with pytest.raises(ValueError, match="different datasets"):
+    sweep.write_outputs(mixed, results, ["dense", "rigl"], [0.9])
+  assert not os.path.exists(results)  # Nothing written.
+  unrecorded = [{k: v for k, v in r.items() if k != "dataset"} for r in ROWS]
+  with pytest.raises(ValueError, match="without a recorded dataset"):
+    sweep.markdown_table(unrecorded)
+  paths = sweep.write_outputs(ROWS, results, ["dense", "rigl"], [0.9], title="t")
+  assert "Dataset: fashion_mnist" in open(paths["table"]).read()
+
+
 def test_plots_write_png_files(tmp_path):
   path = plots.accuracy_vs_sparsity(ROWS, str(tmp_path / "acc.png"))
   layer = plots.layer_sparsity(ROWS, "rigl", str(tmp_path / "layers.png"))
@@ -121,8 +137,9 @@ def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):  
   assert "[sweep] 1/2 dense_seed0" in out and "[sweep] 2/2 rigl_sparsity0.8_seed0" in out
   rows = [json.loads(line) for line in open(os.path.join(results, "results.jsonl"))]
   assert sorted(r["algorithm"] for r in rows) == ["dense", "rigl"]
-  assert all(r["steps"] == 12 for r in rows)
+  assert all(r["steps"] == 12 and r["dataset"] == "digits" for r in rows)
   table = open(os.path.join(results, "results.md")).read()
+  assert "Dataset: digits" in table
   assert "| dense (reference) |" in table and "| rigl |" in table and "(1)" in table
   for name in ("accuracy_vs_sparsity.png", "layer_sparsity_rigl.png"):
     assert os.path.getsize(os.path.join(results, name)) > 1000
@@ -130,6 +147,14 @@ def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):  
   assert sweep.main(argv) == 0
   out = capsys.readouterr().out
   assert out.count("(done before)") == 2
+  # A result written before runs recorded their dataset is redone (evaluation only).
+  old = os.path.join(workdir, "dense_seed0", "result.json")
+  result = json.load(open(old))
+  del result["dataset"]
+  json.dump(result, open(old, "w"))
+  assert sweep.main(argv) == 0
+  assert capsys.readouterr().out.count("(done before)") == 1
+  assert json.load(open(old))["dataset"] == "digits"
 
 
 def test_bad_sweep_flags_are_rejected(capsys):

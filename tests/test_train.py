@@ -152,6 +152,9 @@ def test_smoke_run_prints_table_then_json(smoke):
   for key in ("test_accuracy", "sparsity", "steps", "devices", "wall_s", "algorithm", "seed"):
     assert key in printed
   assert printed["algorithm"] == "rigl" and printed["seed"] == 0 and printed["steps"] == 40
+  assert printed["dataset"] == "digits"
+  with open(os.path.join(workdir, train.RESULT_FILE)) as f:
+    assert json.load(f)["dataset"] == "digits"
   assert printed["devices"] == jax.device_count()
   assert printed["test_accuracy"] > 0.3  # Ten classes: chance is 0.1.
   # Kernels keep exactly n - floor(0.8 n) entries each.
@@ -378,7 +381,7 @@ def test_smoke_on_real_offline_fashion_mnist(tmp_path):
     "--config.eval_batch_size=500",
   )
   _, result, text = run_quiet(config)
-  assert "tfds fashion_mnist_local" in text
+  assert "tfds fashion_mnist_local" in text and result["dataset"] == "fashion_mnist"
   assert result["steps"] == 40 and result["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
   assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
 
@@ -412,7 +415,7 @@ def test_rigl_on_real_fashion_mnist(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   result = json.loads(lines[-1])
-  assert result["test_accuracy"] > 0.80
+  assert result["test_accuracy"] > 0.80 and result["dataset"] == "fashion_mnist"
   assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
   assert any("tfds fashion_mnist_local" in line for line in lines)
   assert any(line.startswith("Dense_0/kernel") for line in lines)

@@ -80,6 +80,11 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   c.workdir = f"/tmp/jaxprune/{name}"
   c.seed = 0
   c.distributed = False  # jax.distributed.initialize() (multi-host pods).
+  # Multi-process without cluster auto-detection (e.g. processes on CPU hosts):
+  # set all three; they are passed to jax.distributed.initialize.
+  c.coordinator_address = config_dict.placeholder(str)  # "HOST:PORT" of process 0.
+  c.num_processes = config_dict.placeholder(int)
+  c.process_id = config_dict.placeholder(int)
   c.model_parallel = False  # Shard parameters (and masks) over a model axis.
 
   # jaxprune: jaxprune.create(algorithm, **create_kwargs(config)).
