@@ -12,6 +12,7 @@ from jaxprune.paths import path_str
 from jaxprune.sparsify import SparseState, get_masks, get_sparse_state, sparsify
 from jaxprune.summary import Summary, summary
 from jaxprune.topk import keep_count, topk_mask, topk_masks
+from jaxprune.training_cost import TrainingFlops, training_flops
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
   "REGISTRY",
   "SparseState",
   "Summary",
+  "TrainingFlops",
   "apply_masks",
   "check_masks",
   "create",
@@ -38,5 +40,6 @@ __all__ = [
   "summary",
   "topk_mask",
   "topk_masks",
+  "training_flops",
   "uniform",
 ]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxprune import distributions, topk
 from jaxprune.masks import dense_mask
 from jaxprune.paths import path_str, pruned_leaves
+from jaxprune.training_cost import constant_sparsity
 
 
 class Algorithm(NamedTuple):
@@ -23,6 +24,11 @@ class Algorithm(NamedTuple):
     update: ``(step, params, grads, masks, algo_state) -> (masks, algo_state)``;
       ``grads`` are the dense gradients given to ``tx.update``.
     changes_masks: False when ``update`` is never called (dense, static).
+    flops_schedule: ``(steps, final_sparsity) -> (sparsity, dense_grad)`` over
+      an int array of steps: the sparsity of a leaf with that final target in
+      each step's forward pass, and whether the step's weight gradient is
+      dense; what :func:`jaxprune.training_flops` integrates. Default: the
+      final sparsity throughout, sparse gradients (static, SET).
   """
 
   name: str
@@ -31,6 +37,7 @@ class Algorithm(NamedTuple):
   is_update_step: Callable
   update: Callable
   changes_masks: bool = True
+  flops_schedule: Callable = constant_sparsity
 
 
 def never(step):

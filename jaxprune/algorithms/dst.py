@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import schedules, topk
+from jaxprune import schedules, topk, training_cost
 from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask, random_scores
 
@@ -80,7 +80,7 @@ def replace_connections(mask, weights, grow_scores, drop_fraction):
   return kept | grown, n_drop
 
 
-def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
+def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> base.Algorithm:
   cfg = config_lib.validate(name, config, DEFAULTS)
   config_lib.require_sparsity(name, cfg)
   config_lib.require(name, cfg, "end_step")
@@ -126,7 +126,13 @@ def _dst(name: str, grow_scores_fn, config) -> base.Algorithm:
       DSTState(d, jax.tree.unflatten(treedef, changed), state.updates + 1),
     )
 
-  return base.Algorithm(name, cfg, init, is_update_step, update)
+  # RigL's growth ranks the dense gradient: its update steps pay for it.
+  schedule = (
+    training_cost.dense_gradient_on(is_update_step)
+    if dense_gradient
+    else training_cost.constant_sparsity
+  )
+  return base.Algorithm(name, cfg, init, is_update_step, update, flops_schedule=schedule)
 
 
 def _random_growth(key, params, grads):
@@ -153,4 +159,4 @@ def rigl(**config) -> base.Algorithm:
   Winners"): drop the smallest-magnitude active weights, regrow as many where
   the dense gradient magnitude ``|dL/dw|`` is largest among inactive positions.
   The dense gradient is the one handed to ``tx.update``, before masking."""
-  return _dst("rigl", _gradient_growth, config)
+  return _dst("rigl", _gradient_growth, config, dense_gradient=True)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import schedules, structured, topk
+from jaxprune import schedules, structured, topk, training_cost
 from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask
 
@@ -41,8 +41,14 @@ def magnitude(**config) -> base.Algorithm:
     keep = base.keep_counts(cfg, params, sparsities)
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
+  at_start = lambda step: step == cfg["start_step"]
   return base.Algorithm(
-    "magnitude", cfg, base.all_true_init(cfg), lambda step: step == cfg["start_step"], update
+    "magnitude",
+    cfg,
+    base.all_true_init(cfg),
+    at_start,
+    update,
+    flops_schedule=training_cost.pruned_on_updates(at_start, lambda u, s: s),
   )
 
 
@@ -88,12 +94,15 @@ def gradual_magnitude(**config) -> base.Algorithm:
       )
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
+  is_update = schedules.periodic_updates(t0, t1, cfg["update_every"])
+  sparsity_at = lambda u, s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(u)
   return base.Algorithm(
     "gradual_magnitude",
     cfg,
     base.all_true_init(cfg),
-    schedules.periodic_updates(t0, t1, cfg["update_every"]),
+    is_update,
     update,
+    flops_schedule=training_cost.pruned_on_updates(is_update, sparsity_at),
   )
 
 
@@ -134,7 +143,17 @@ def global_magnitude(**config) -> base.Algorithm:
     if t1 > t0
     else (lambda step: step == t0)
   )
-  return base.Algorithm("global_magnitude", cfg, base.all_true_init(cfg), is_update, update)
+  # FLOPs accounting: each leaf's sparsity taken as its final one times the
+  # total's progress (the global threshold's split across leaves is not known).
+  progress = schedules.polynomial(1.0, 0.0, t0, t1)
+  return base.Algorithm(
+    "global_magnitude",
+    cfg,
+    base.all_true_init(cfg),
+    is_update,
+    update,
+    flops_schedule=training_cost.pruned_on_updates(is_update, lambda u, s: s * progress(u)),
+  )
 
 
 def _nm_ramp(cfg, params, masks, pruned, frac):
