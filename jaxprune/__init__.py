@@ -5,6 +5,7 @@ that a jitted training step keeps the parameters sparse.
 """
 
 from jaxprune.algorithms import REGISTRY, Algorithm, create, register
+from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
 from jaxprune.distributions import erk, uniform
 from jaxprune.flops import Flops, LayerFlops, flops
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
@@ -31,13 +32,16 @@ __all__ = [
   "flops",
   "get_masks",
   "get_sparse_state",
+  "grasp_masks",
   "keep_count",
   "magnitude_masks",
   "path_str",
   "random_masks",
   "register",
+  "snip_masks",
   "sparsify",
   "summary",
+  "synflow_masks",
   "topk_mask",
   "topk_masks",
   "training_flops",
