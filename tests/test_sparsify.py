@@ -172,3 +172,68 @@ def test_scalar_leaf_cannot_be_selected_and_steps_are_bounded():
     algo.init({"s": jnp.float32(0.001), "w": jnp.ones((4, 4))})
   with pytest.raises(ValueError, match="end_step"):
     jaxprune.create("rigl", sparsity=0.5, end_step=10**10)
+
+
+def _per_param_state(state, params):
+  """Every sub-tree of the inner state shaped like ``params`` (momentum, Adam moments, ...)."""
+  pdef = jax.tree.structure(params)
+  matches = lambda x: jax.tree.structure(x) == pdef
+  inner = jaxprune.get_sparse_state(state).inner_state
+  return [x for x in jax.tree.leaves(inner, is_leaf=matches) if matches(x)]
+
+
+@pytest.mark.parametrize("name", ["static", "gradual_magnitude", "rigl"])
+def test_inner_state_is_zero_where_masked_for_every_algorithm_from_the_first_step(name):
+  # Params not masked beforehand and weight decay: the momentum at pruned entries would
+  # pick up weight decay of the unmasked params unless the state is reset on every step.
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create(name, sparsity=0.8, start_step=0, end_step=4, update_every=2)
+  inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9))
+  tx = jaxprune.sparsify(inner, algo)
+  checked = []
+
+  def check(i, p, s):
+    masks = jaxprune.get_masks(s)
+    assert_zeros_where_masked(p, masks)
+    (trace,) = _per_param_state(s, p)
+    for t, m in zip(jax.tree.leaves(trace), jax.tree.leaves(masks)):
+      m = np.broadcast_to(np.asarray(m), t.shape)
+      assert np.all(np.asarray(t)[~m] == 0.0), (i, int(np.sum(np.asarray(t)[~m] != 0)))
+      if m.ndim == 2 and not m.all():
+        assert np.any(np.asarray(t)[m] != 0.0)
+    checked.append(i)
+
+  assert all(
+    np.all(np.asarray(t)[~np.broadcast_to(np.asarray(m), t.shape)] == 0.0)
+    for t, m in zip(
+      jax.tree.leaves(_per_param_state(tx.init(params), params)),
+      jax.tree.leaves(jaxprune.get_masks(tx.init(params))),
+    )
+  )
+  train(tx, params, loss_fn, 6, apply_initial_masks=False, callback=check)
+  assert checked == list(range(6))
+
+
+def test_regrown_entries_start_at_zero_with_zero_adam_state():
+  params, loss_fn = tiny_problem()
+  algo = jaxprune.create("rigl", sparsity=0.8, end_step=100, update_every=3, drop_fraction=0.5)
+  tx = jaxprune.sparsify(optax.adamw(1e-2, weight_decay=0.1), algo)
+  previous = {}
+
+  def check(i, p, s):
+    masks = jaxprune.get_masks(s)
+    assert_zeros_where_masked(p, masks)
+    if "masks" in previous:
+      moments = _per_param_state(s, p)
+      for path_leaves in zip(
+        jax.tree.leaves(previous["masks"]), jax.tree.leaves(masks), jax.tree.leaves(p), *moments
+      ):
+        old, new, w, *state = (np.asarray(x) for x in path_leaves)
+        grown = new & ~old
+        if old.ndim and i % 3 == 2:  # steps 3, 6, ... (count before the step) update masks
+          assert grown.any()
+        assert np.all(w[grown] == 0.0)
+        assert all(np.all(x[grown] == 0.0) for x in state)
+    previous["masks"] = masks
+
+  train(tx, params, loss_fn, 9, callback=check)
