@@ -8,6 +8,7 @@ from jaxprune.algorithms.base import Algorithm
 from jaxprune.algorithms.dst import rigl, set_
 from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
 from jaxprune.algorithms.random import dense, fixed, random, static
+from jaxprune.algorithms.saliency import global_saliency, saliency
 
 REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "dense": dense,
@@ -17,6 +18,8 @@ REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "random": random,
   "static": static,
   "fixed": fixed,
+  "saliency": saliency,
+  "global_saliency": global_saliency,
   "set": set_,
   "rigl": rigl,
 }

@@ -1,0 +1,54 @@
+"""Gradual saliency pruning: the magnitude schedules scored by ``|w ⊙ g|``.
+
+The first-order Taylor estimate of the loss change when a weight is removed
+(Mozer & Smolensky 1989; Molchanov et al. 2017, "Pruning Convolutional Neural
+Networks for Resource Efficient Inference"), with ``g`` the dense gradient given
+to ``tx.update`` on the update step. The schedules, keys and exactness are those
+of ``gradual_magnitude`` (per leaf) and ``global_magnitude`` (one threshold);
+masks only shrink.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxprune import config as config_lib
+from jaxprune.algorithms import base
+from jaxprune.algorithms.magnitude import DEFAULTS, global_magnitude, gradual_magnitude
+
+_GRADUAL_KEYS = dict(initial_sparsity=0.0, power=3.0)
+
+
+def _scored_by_saliency(algo: base.Algorithm, name: str) -> base.Algorithm:
+  """``algo`` with its magnitude scores ``|w|`` replaced by ``|w ⊙ g|``."""
+
+  def update(step, params, grads, masks, state):
+    saliency = jax.tree.map(lambda w, g: w * g.astype(w.dtype), params, grads)
+    return algo.update(step, saliency, grads, masks, state)
+
+  return algo._replace(name=name, update=update)
+
+
+def saliency(**config) -> base.Algorithm:
+  """Gradual pruning by saliency ``|w ⊙ g|``, per leaf.
+
+  The same keys and cubic schedule as ``gradual_magnitude`` (``end_step``
+  required; ``initial_sparsity``, ``power``; unstructured or structured
+  ``sparsity_type``): every ``update_every`` steps from ``start_step`` to
+  ``end_step`` each leaf keeps its ``n - floor(s_t n)`` highest saliencies among
+  the entries still active.
+  """
+  cfg = config_lib.validate("saliency", config, DEFAULTS, extra_keys=_GRADUAL_KEYS)
+  config_lib.require_sparsity("saliency", cfg)
+  config_lib.require("saliency", cfg, "end_step")
+  algo = gradual_magnitude(**config)
+  return _scored_by_saliency(algo, "saliency")
+
+
+def global_saliency(**config) -> base.Algorithm:
+  """Saliency ``|w ⊙ g|`` with one threshold across all pruned leaves: the
+  ``global_magnitude`` schedule (one-shot at ``start_step``, or cubic up to
+  ``end_step`` when it is later)."""
+  config_lib.validate("global_saliency", config, DEFAULTS)
+  algo = global_magnitude(**config)
+  return _scored_by_saliency(algo, "global_saliency")
