@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jaxprune import topk
 from jaxprune.paths import path_str
+from jaxprune.rounding import floor_product
 
 
 def dense_mask():
@@ -72,9 +73,13 @@ def apply_masks(params, masks):
 
 
 def keep_count_of(n: int, sparsity):
-  """:func:`jaxprune.topk.keep_count`, also for a traced sparsity (float32 product)."""
+  """:func:`jaxprune.topk.keep_count`, also for a traced sparsity.
+
+  A traced sparsity (a float32 without x64) gives exactly the count the eager
+  rule gives for the same float32 value (:func:`jaxprune.rounding.floor_product`).
+  """
   if isinstance(sparsity, jax.core.Tracer):
-    return n - jnp.floor(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
+    return jnp.int32(n) - floor_product(sparsity, n)
   return topk.keep_count(n, sparsity)
 
 

@@ -70,13 +70,21 @@ def polynomial_keep_count(n: int, initial: float, final: float, frac, power: flo
 
   The pruned count interpolates the exact integer end points
   ``P_i = floor(s_i n)`` and ``P_f = floor(s_f n)`` of the library's rounding
-  rule: ``n - floor(P_f + (P_i - P_f) (1 - frac) ** power)``. At ``frac = 1`` this
-  is exactly ``n - floor(s_f n)``; in between it is within one entry of
-  ``n - floor(s_t n)``.
+  rule with the Zhu & Gupta progress ``c = 1 - (1 - frac) ** power`` (float32):
+  ``n - (P_i + floor(c (P_f - P_i)))``, the floor exact for every ``n < 2**31``
+  (:func:`jaxprune.rounding.floor_product`). At ``frac = 0`` this is exactly
+  ``n - floor(s_i n)``, at ``frac >= 1`` exactly ``n - floor(s_f n)`` (the
+  eager count of the Python-float target, also inside jit); in between it is
+  within one entry of ``n - floor(s_t n)`` and never decreases the pruned
+  count as ``frac`` grows. Needs ``initial <= final``.
   """
+  from jaxprune.rounding import floor_product
   from jaxprune.topk import keep_count  # local: topk does not depend on schedules
 
+  if float(initial) > float(final):
+    raise ValueError(f"initial sparsity {initial} must be <= final sparsity {final}")
   p_i, p_f = n - keep_count(n, initial), n - keep_count(n, final)
-  pruned = p_f + (p_i - p_f) * (1.0 - frac) ** power
-  k = n - jnp.floor(pruned).astype(jnp.int32)
+  frac = jnp.asarray(frac, jnp.float32)
+  c = 1.0 - (1.0 - frac) ** power
+  k = jnp.int32(n - p_i) - floor_product(c, p_f - p_i)
   return jnp.where(frac >= 1.0, jnp.int32(n - p_f), k)

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.masks import keep_count_of
+from jaxprune.rounding import floor_product
 from jaxprune.topk import topk_mask
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
   "block_mask_from_scores",
   "unit_mask_from_scores",
   "unit_norms",
+  "group_count",
   "is_nm_sparse",
   "group_counts",
 ]
@@ -315,13 +317,16 @@ def _nm_impl(scores, n, m: int, ax: int):
   return jnp.moveaxis(keep, -1, ax)
 
 
-def block_mask_from_scores(scores: jax.Array, sparsity, block: tuple[int, int]) -> jax.Array:
+def block_mask_from_scores(
+  scores: jax.Array, sparsity, block: tuple[int, int], *, keep=None
+) -> jax.Array:
   """Keeps whole ``R x C`` tiles of the matrix view by the sum of their scores.
 
   The matrix view of a leaf of shape ``(..., out)`` is
   ``(prod(shape[:-1]), out)``. A leaf with ``G`` tiles keeps ``G - floor(s*G)``
-  of them; ties go to the lower row-major tile index; a tile whose sum is NaN
-  ranks lowest.
+  of them (or ``keep`` tiles, an int or traced int, when given; ``sparsity`` is
+  then ignored); ties go to the lower row-major tile index; a tile whose sum is
+  NaN ranks lowest.
   """
   scores = jnp.asarray(scores)
   r, c = (int(b) for b in block)
@@ -329,7 +334,7 @@ def block_mask_from_scores(scores: jax.Array, sparsity, block: tuple[int, int]) 
   rows, cols = math.prod(shape[:-1]), shape[-1]
   if scores.ndim < 2 or rows % r or cols % c:
     raise ValueError(f"shape {shape} cannot be tiled by {r}x{c} blocks")
-  k = _count_to_keep((rows // r) * (cols // c), sparsity)
+  k = _count_to_keep((rows // r) * (cols // c), sparsity) if keep is None else keep
   return _block_impl(scores, k, (r, c))
 
 
@@ -360,16 +365,17 @@ def unit_norms(scores: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.where(jnp.any(x == -jnp.inf, axis=other), -jnp.inf, norms)
 
 
-def unit_mask_from_scores(scores: jax.Array, sparsity, axis: int = -1) -> jax.Array:
+def unit_mask_from_scores(scores: jax.Array, sparsity, axis: int = -1, *, keep=None) -> jax.Array:
   """Keeps whole output units (slices along ``axis``) by their L2 norm.
 
-  A leaf with ``G`` units keeps ``G - floor(s*G)``; ties go to the lower unit
-  index. The mask is True on every entry of a kept unit and False on every entry
-  of a removed one.
+  A leaf with ``G`` units keeps ``G - floor(s*G)`` (or ``keep`` units, an int or
+  traced int, when given; ``sparsity`` is then ignored); ties go to the lower
+  unit index. The mask is True on every entry of a kept unit and False on every
+  entry of a removed one.
   """
   scores = jnp.asarray(scores)
   ax = axis % scores.ndim
-  k = _count_to_keep(scores.shape[ax], sparsity)
+  k = _count_to_keep(scores.shape[ax], sparsity) if keep is None else keep
   return _unit_impl(scores, k, ax)
 
 
@@ -383,7 +389,7 @@ def _unit_impl(scores, k, ax):
 
 
 def structured_mask(
-  scores: jax.Array, sparsity, sparsity_type, axis: Optional[int] = None
+  scores: jax.Array, sparsity, sparsity_type, axis: Optional[int] = None, *, keep=None
 ) -> jax.Array:
   """A bool mask of ``scores.shape`` following ``sparsity_type``.
 
@@ -394,6 +400,9 @@ def structured_mask(
     sparsity_type: see the module docstring.
     axis: grouping axis for N:M (default -2, 0 for 1-D) or the unit axis for
       neurons/channels (default -1). Unused for blocks.
+    keep: instead of ``sparsity``, the number of entries, blocks or units to
+      keep (an int or traced int; out of :func:`group_count` groups). Ignored
+      for N:M.
 
   Returns:
     bool array; jit-able (shapes static, ``sparsity`` may be traced).
@@ -408,29 +417,56 @@ def structured_mask(
   if reason is not None:
     raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {scores.shape}: {reason}")
   if st.kind == "unstructured":
-    return topk_mask(scores, _count_to_keep(scores.size, sparsity))
+    return topk_mask(scores, _count_to_keep(scores.size, sparsity) if keep is None else keep)
   if st.kind == "nm":
     return nm_mask_from_scores(scores, st.n, st.m, _resolve_axis("nm", scores.ndim, axis))
   if st.kind == "block":
-    return block_mask_from_scores(scores, sparsity, st.block)
-  return unit_mask_from_scores(scores, sparsity, _resolve_axis("unit", scores.ndim, axis))
+    return block_mask_from_scores(scores, sparsity, st.block, keep=keep)
+  return unit_mask_from_scores(
+    scores, sparsity, _resolve_axis("unit", scores.ndim, axis), keep=keep
+  )
+
+
+def group_count(shape: Sequence[int], sparsity_type, axis: Optional[int] = None) -> int:
+  """How many groups a ``sparsity`` counts for a leaf of ``shape``: entries
+  (unstructured), tiles (blocks) or units (neurons/channels); for N:M, the
+  number of entries. ``G - floor(s * G)`` of them are kept."""
+  st = parse_sparsity_type(sparsity_type)
+  shape = tuple(int(d) for d in shape)
+  if st.kind == "block":
+    r, c = st.block
+    return (math.prod(shape[:-1]) // r) * (shape[-1] // c)
+  if st.kind == "unit":
+    return shape[_resolve_axis("unit", len(shape), axis)]
+  return math.prod(shape)
 
 
 # ----------------------------------------------------------------------------
 # Dynamic sparse training within a pattern (SET / RigL drop-and-grow).
 
 
-def _finite_magnitude(x) -> jax.Array:
-  """``|x|`` in float32 with NaN mapped to -1 (ranks below every real magnitude)."""
+def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
+  """Ranking key of every group of ``x``: ``reduce(|x|)`` in float32.
+
+  A group holding a value that must never win ranks lowest, at -1 (below every
+  real magnitude, above the -inf that excludes groups from a selection): a NaN
+  weight, and for growth (``growth=True``) also a NaN or +-inf score. The
+  reduction sees only the other entries (set to 0), so a NaN can neither
+  propagate nor, squared or summed, raise the group's score. ``reduce`` and
+  ``any_`` map an entry array to group values (default: each entry a group).
+  """
   a = jnp.abs(jnp.asarray(x, jnp.float32))
-  return jnp.where(jnp.isnan(a), -1.0, a)
+  bad = ~jnp.isfinite(a) if growth else jnp.isnan(a)
+  if reduce is None:
+    return jnp.where(bad, -1.0, a)
+  return jnp.where(any_(bad), -1.0, reduce(jnp.where(bad, 0.0, a)))
 
 
 def _replace_groups(active, magnitude, growth, drop_fraction):
   """Drop-and-grow over whole groups (1-D arrays): returns (new_active, n_dropped)."""
   n = active.size
   n_active = jnp.sum(active, dtype=jnp.int32)
-  n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
+  n_drop = floor_product(drop_fraction, n_active)
   n_drop = jnp.minimum(n_drop, n - n_active)
   kept = topk_mask(jnp.where(active, magnitude, -jnp.inf), n_active - n_drop)
   grown = topk_mask(jnp.where(active, -jnp.inf, growth), n_drop)
@@ -452,13 +488,13 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
   shape = move(mask).shape
   groups = lambda x: x.reshape(-1, m)
   act = groups(move(mask).astype(bool))
-  mag = groups(move(_finite_magnitude(weights)))
-  grow = groups(move(_finite_magnitude(grow_scores)))
+  mag = groups(move(_group_rank(weights, growth=False)))
+  grow = groups(move(_group_rank(grow_scores, growth=True)))
   # A group can drop at most min(n, m - n): it regrows among its own inactive slots.
   cap = min(n, m - n)
   eligible = act & (_pairwise_rank(jnp.where(act, mag, jnp.inf), descending=False) < cap)
   n_active = jnp.sum(act, dtype=jnp.int32)
-  n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
+  n_drop = floor_product(drop_fraction, n_active)
   n_drop = jnp.minimum(n_drop, jnp.sum(eligible, dtype=jnp.int32))
   drop = topk_mask(jnp.where(eligible, -mag, -jnp.inf), n_drop)
   per_group = jnp.sum(drop, axis=-1, dtype=jnp.int32)
@@ -485,7 +521,11 @@ def replace_connections(
   * unstructured: entry by entry.
 
   Regrowth happens only at positions (groups) inactive before the update; ties go
-  to the lower index; NaN magnitudes are dropped first. jit-able, with traced
+  to the lower index. Non-finite values never win: a NaN weight makes its entry
+  (group) rank lowest for keeping, so it is dropped first, and a NaN or +-inf
+  growth score makes its entry (group) rank below every finite one for growth.
+  The number of active entries never changes. ``floor(d * active)`` is exact
+  (:func:`jaxprune.rounding.floor_product`). jit-able, with traced
   ``drop_fraction``.
 
   Args:
@@ -512,26 +552,30 @@ def replace_connections(
   if st.kind == "unstructured":
     new, n_drop = _replace_groups(
       mask.reshape(-1),
-      _finite_magnitude(weights).reshape(-1),
-      _finite_magnitude(grow_scores).reshape(-1),
+      _group_rank(weights, growth=False).reshape(-1),
+      _group_rank(grow_scores, growth=True).reshape(-1),
       drop_fraction,
     )
     return new.reshape(mask.shape), n_drop
   if st.kind == "block":
     r, c = st.block
     rows, cols = math.prod(mask.shape[:-1]), mask.shape[-1]
-    tiles = lambda x, red: red(x.reshape(rows // r, r, cols // c, c), axis=(1, 3)).reshape(-1)
-    active = tiles(mask, jnp.any)
-    mag = tiles(_finite_magnitude(weights), jnp.sum)
-    grow = tiles(_finite_magnitude(grow_scores), jnp.sum)
+    tiles = lambda red: (
+      lambda x: red(x.reshape(rows // r, r, cols // c, c), axis=(1, 3)).reshape(-1)
+    )
+    active = tiles(jnp.any)(mask)
+    mag = _group_rank(weights, False, tiles(jnp.sum), tiles(jnp.any))
+    grow = _group_rank(grow_scores, True, tiles(jnp.sum), tiles(jnp.any))
     new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
     full = jnp.broadcast_to(new.reshape(rows // r, 1, cols // c, 1), (rows // r, r, cols // c, c))
     return full.reshape(mask.shape), n_drop * (r * c)
   ax = _resolve_axis("unit", mask.ndim, axis)
   other = tuple(i for i in range(mask.ndim) if i != ax)
   active = jnp.any(mask, axis=other)
-  mag = jnp.sqrt(jnp.sum(jnp.square(_finite_magnitude(weights)), axis=other))
-  grow = jnp.sqrt(jnp.sum(jnp.square(_finite_magnitude(grow_scores)), axis=other))
+  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=other))
+  any_ = lambda x: jnp.any(x, axis=other)
+  mag = _group_rank(weights, False, norm, any_)
+  grow = _group_rank(grow_scores, True, norm, any_)
   new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
   shape = [1] * mask.ndim
   shape[ax] = mask.shape[ax]

@@ -1,14 +1,18 @@
 """Structured sparsity through jaxprune.create / sparsify (the algorithm side)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from helpers import assert_zeros_where_masked, tiny_problem, train
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune.structured import group_counts
+from jaxprune.structured import group_counts, replace_connections, structured_mask
 
 
 def test_gradual_nm_ramps_by_steps_of_the_pattern():
@@ -104,3 +108,83 @@ def test_axis_key_configures_nm_grouping():
   assert np.all(group_counts(m, 4, axis=1) == 1)
   with pytest.raises(TypeError, match="axis"):
     jaxprune.create("magnitude", sparsity_type="1:4", axis="rows")
+
+
+@pytest.mark.parametrize(
+  "stype, shape", [("neuron", (2, 100)), ("block:1x4", (100, 4)), ("block:2x2", (20, 10))]
+)
+def test_gradual_structured_final_step_keeps_the_eager_count(stype, shape):
+  # 0.29 of 100 groups: the float64 rule prunes floor(28.999999999999996) = 28; a float32
+  # product of the traced target rounds to 29.0.
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape)}
+  algo = jaxprune.create(
+    "gradual_magnitude", sparsity=0.29, sparsity_type=stype, end_step=4, update_every=2
+  )
+  tx = jaxprune.sparsify(optax.sgd(0.0), algo)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.zeros_like, p), s, p)[1])
+  state = tx.init(params)
+  for _ in range(6):
+    state = step(params, state)
+  m = np.asarray(jaxprune.get_masks(state)["w"])
+  kept_groups = m.sum() // (m.size // 100)  # 100 units or tiles of m.size // 100 entries
+  assert kept_groups == 100 - math.floor(0.29 * 100) == 72
+  one_shot = jaxprune.create("magnitude", sparsity=0.29, sparsity_type=stype)
+  eager = jaxprune.sparsify(optax.sgd(0.0), one_shot)
+  s = eager.init(params)
+  _, s = eager.update(jax.tree.map(jnp.zeros_like, params), s, params)
+  assert np.asarray(jaxprune.get_masks(s)["w"]).sum() == m.sum()
+
+
+_REPLACE_CASES = {"2:4": [(8, 6), (3, 8, 2)], "block:2x2": [(6, 8), (4, 10)], "neuron": [(5, 8)]}
+_replace_jit = {
+  k: jax.jit(lambda m, w, g, d, k=k: replace_connections(m, w, g, d, k)) for k in _REPLACE_CASES
+}
+
+
+def _groups(x, stype):
+  """Entries grouped as the pattern replaces them: rows of a (groups, entries) array."""
+  x = np.asarray(x)
+  if stype == "neuron":
+    return x.reshape(-1, x.shape[-1]).T
+  if stype.startswith("block"):
+    rows, cols = x.reshape(-1, x.shape[-1]).shape
+    return x.reshape(rows // 2, 2, cols // 2, 2).transpose(0, 2, 1, 3).reshape(-1, 4)
+  return np.moveaxis(x, -2, -1).reshape(-1)[:, None]  # N:M: entry by entry
+
+
+@settings(max_examples=12)
+@given(
+  stype=st.sampled_from(sorted(_REPLACE_CASES)),
+  case=st.integers(0, 1),
+  seed=st.integers(0, 2**16),
+  bad_rate=st.sampled_from([0.05, 0.2, 0.6]),
+)
+def test_structured_replace_non_finite_never_wins(stype, case, seed, bad_rate):
+  shape = _REPLACE_CASES[stype][case % len(_REPLACE_CASES[stype])]
+  rng = np.random.default_rng(seed)
+  mask = np.asarray(structured_mask(jnp.asarray(rng.random(shape)), 0.5, stype))
+  w = rng.normal(size=shape).astype(np.float32)
+  w[rng.random(shape) < bad_rate / 2] = np.nan
+  g = rng.normal(size=shape).astype(np.float32)
+  bad = rng.random(shape) < bad_rate
+  g[bad] = rng.choice(np.float32([np.nan, np.inf, -np.inf]), size=int(bad.sum()))
+  new, _ = _replace_jit[stype](jnp.asarray(mask), jnp.asarray(w), jnp.asarray(g), 0.5)
+  new = np.asarray(new)
+  assert new.sum() == mask.sum()  # the active count is constant
+  active, after = _groups(mask, stype).any(-1), _groups(new, stype).any(-1)
+  if stype == "2:4":  # groups of 4 along axis -2 keep exactly 2
+    assert np.all(group_counts(new, 4, axis=-2) == 2)
+    active, after = _groups(mask, stype)[:, 0], _groups(new, stype)[:, 0]
+  g_bad = ~np.isfinite(_groups(g, stype)).all(-1)
+  w_nan = np.isnan(_groups(w, stype)).any(-1)
+  grown, not_grown = after & ~active, ~after & ~active
+  if stype == "2:4":  # growth competes within each group of 4
+    gid = np.arange(active.size) // 4
+    for i in np.unique(gid[grown & g_bad]):
+      assert not np.any(not_grown & ~g_bad & (gid == i)), "a non-finite score won growth"
+  else:
+    if np.any(grown & g_bad):
+      assert not np.any(not_grown & ~g_bad), "a non-finite growth score won"
+    dropped, kept = active & ~after, active & after
+    if np.any(kept & w_nan):
+      assert not np.any(dropped & ~w_nan), "a NaN weight was kept over a finite one"

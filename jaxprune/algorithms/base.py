@@ -76,11 +76,11 @@ def full_masks(params, pruned):
 
 
 def select(cfg, scores, pruned, keep):
-  """Masks keeping ``keep`` entries (per leaf) of the highest ``scores``.
+  """Masks keeping, per leaf, the ``keep`` groups with the highest ``scores``.
 
-  ``keep`` is a tree of per-leaf kept counts (ints or traced ints) for
-  unstructured sparsity; for a structured ``sparsity_type`` it is the tree of
-  per-leaf sparsities handed to :func:`jaxprune.structured.structured_mask`.
+  ``keep`` is a tree of per-leaf kept counts (ints or traced ints) of entries,
+  or of blocks or units for a structured ``sparsity_type``
+  (:func:`jaxprune.structured.group_count`); ignored for N:M.
   """
   stype = cfg["sparsity_type"]
 
@@ -91,17 +91,27 @@ def select(cfg, scores, pruned, keep):
       return topk.topk_mask(s, k)
     from jaxprune import structured
 
-    return structured.structured_mask(s, k, stype, axis=cfg.get("axis"))
+    return structured.structured_mask(s, None, stype, axis=cfg.get("axis"), keep=k)
 
   return jax.tree.map(leaf, scores, pruned, keep)
 
 
 def keep_counts(cfg, params, sparsities):
-  """Per-leaf kept counts ``n - floor(s n)``; the sparsities themselves for a
-  structured ``sparsity_type`` (what :func:`select` expects)."""
-  if cfg["sparsity_type"] != "unstructured":
-    return sparsities
-  return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)
+  """Per-leaf kept counts ``G - floor(s G)`` of the ``G`` groups of each leaf:
+  entries, or blocks or units for a structured ``sparsity_type`` (what
+  :func:`select` expects). Leaves that cannot take the pattern get 0 (they are
+  never selected)."""
+  stype = cfg["sparsity_type"]
+  if stype == "unstructured":
+    return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)
+  from jaxprune import structured
+
+  def leaf(p, s):
+    if structured.incompatibility(jnp.shape(p), stype, cfg.get("axis")) is not None:
+      return 0
+    return topk.keep_count(structured.group_count(jnp.shape(p), stype, cfg.get("axis")), s)
+
+  return jax.tree.map(leaf, params, sparsities)
 
 
 def all_true_init(cfg):

@@ -32,6 +32,7 @@ from jaxprune import config as config_lib
 from jaxprune import schedules, topk, training_cost
 from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask, random_scores
+from jaxprune.rounding import floor_product
 
 DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
 
@@ -70,7 +71,7 @@ def replace_connections(mask, weights, grow_scores, drop_fraction):
   """
   n = mask.size
   n_active = jnp.sum(mask, dtype=jnp.int32)
-  n_drop = jnp.floor(drop_fraction * n_active.astype(jnp.float32)).astype(jnp.int32)
+  n_drop = floor_product(drop_fraction, n_active)  # exact for any n_active
   n_drop = jnp.minimum(n_drop, n - n_active)
   magnitude = jnp.abs(weights).astype(jnp.float32)
   keep_scores = jnp.where(mask, jnp.where(jnp.isnan(magnitude), -1.0, magnitude), -jnp.inf)

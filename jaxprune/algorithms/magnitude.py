@@ -14,6 +14,7 @@ from jaxprune import config as config_lib
 from jaxprune import schedules, structured, topk, training_cost
 from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask
+from jaxprune.rounding import floor_product
 
 DEFAULTS = dict(distribution="uniform", update_every=100)
 
@@ -88,9 +89,22 @@ def gradual_magnitude(**config) -> base.Algorithm:
       )
     elif structured.parse_sparsity_type(cfg["sparsity_type"]).kind == "nm":
       return _nm_ramp(cfg, params, masks, pruned, frac), state
-    else:
+    else:  # blocks and units: the same integer interpolation over the leaf's groups
       keep = jax.tree.map(
-        lambda s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(step), sparsities
+        lambda p, s, sel: (
+          schedules.polynomial_keep_count(
+            structured.group_count(jnp.shape(p), cfg["sparsity_type"], cfg["axis"]),
+            min(s_i, s),
+            s,
+            frac,
+            cfg["power"],
+          )
+          if sel
+          else 0
+        ),
+        params,
+        sparsities,
+        pruned,
       )
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
@@ -165,7 +179,7 @@ def _nm_ramp(cfg, params, masks, pruned, frac):
   """
   st = structured.parse_sparsity_type(cfg["sparsity_type"])
   progress = 1.0 - (1.0 - frac) ** cfg["power"]
-  n_t = jnp.where(frac >= 1.0, st.n, st.m - jnp.floor((st.m - st.n) * progress).astype(jnp.int32))
+  n_t = jnp.where(frac >= 1.0, st.n, st.m - floor_product(progress, st.m - st.n))
   scores = masked_magnitude(params, masks)
   return jax.tree.map(
     lambda s, sel, m: (
