@@ -100,9 +100,29 @@ def validate(
 
 
 def require_sparsity(name: str, cfg: Mapping[str, Any]) -> None:
-  """``sparsity`` is required unless an N:M-like ``sparsity_type`` implies it."""
-  if cfg["sparsity_type"] == "unstructured":
-    require(name, cfg, "sparsity")
+  """``sparsity`` is required unless an N:M ``sparsity_type`` implies it (``1 - N/M``).
+
+  Unstructured, block and neuron/channel types have no implied sparsity: without
+  ``sparsity`` they would prune nothing.
+  """
+  if cfg.get("sparsity") is not None:
+    return
+  from jaxprune import structured
+
+  if structured.parse_sparsity_type(cfg["sparsity_type"]).kind != "nm":
+    raise ValueError(
+      f"{name}: config key 'sparsity' is required with sparsity_type="
+      f"{cfg['sparsity_type']!r} (only an N:M sparsity_type implies it)"
+    )
+
+
+def target_sparsity(cfg: Mapping[str, Any]) -> float:
+  """The final sparsity: ``sparsity``, or ``1 - N/M`` for an N:M ``sparsity_type``."""
+  if cfg.get("sparsity") is not None:
+    return float(cfg["sparsity"])
+  from jaxprune import structured
+
+  return structured.nm_sparsity(cfg["sparsity_type"])
 
 
 def require(name: str, cfg: Mapping[str, Any], *keys: str) -> None:

@@ -7,6 +7,7 @@ floats), 0.0 for leaves that are not pruned.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -79,5 +80,42 @@ def resolve(distribution, params, sparsity: float, include: Include = None):
   if distribution == "erk":
     return erk(params, sparsity, include)
   if callable(distribution):
-    return distribution(params, sparsity, include)
+    return _checked(distribution(params, sparsity, include), params, distribution)
   raise ValueError(f"distribution must be 'uniform', 'erk' or a callable, got {distribution!r}")
+
+
+def _checked(sparsities, params, distribution):
+  """A callable distribution's result, checked: the params' tree structure, and
+  per leaf a real number in [0, 1) (returned as Python floats)."""
+  from jaxprune.paths import path_str
+
+  name = getattr(distribution, "__name__", repr(distribution))
+  p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    values = p_def.flatten_up_to(sparsities)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"distribution {name!r} returned a tree that does not match the params "
+      f"(one number per parameter leaf, at paths "
+      f"{', '.join(path_str(p) for p, _ in p_flat)}): {e}"
+    ) from None
+  out = []
+  for (path, _), v in zip(p_flat, values):
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or getattr(v, "ndim", None) == 0):
+      raise ValueError(
+        f"distribution {name!r} returned {v!r} for {path_str(path)!r}; expected a number in [0, 1)"
+      )
+    try:
+      f = float(v)
+    except TypeError:  # a traced value
+      raise ValueError(
+        f"distribution {name!r} returned a traced value for {path_str(path)!r}; "
+        "per-leaf sparsities must be concrete numbers in [0, 1)"
+      ) from None
+    if not 0.0 <= f < 1.0:
+      raise ValueError(
+        f"distribution {name!r} returned sparsity {f!r} for {path_str(path)!r}; "
+        "every value must be in [0, 1)"
+      )
+    out.append(f)
+  return jax.tree.unflatten(p_def, out)

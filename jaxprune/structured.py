@@ -621,7 +621,9 @@ def select_compatible(params, pruned, cfg) -> Any:
 
   Raises:
     ValueError: when ``include`` was given explicitly and selects an
-      incompatible leaf -- naming the path, ``sparsity_type`` and the reason.
+      incompatible leaf -- naming the path, ``sparsity_type`` and the reason;
+      and when ``axis`` is out of range for a selected leaf (N:M, neurons and
+      channels) -- naming ``axis`` and the leaf's path, whatever ``include``.
   """
   st = parse_sparsity_type(cfg["sparsity_type"])
   axis = cfg.get("axis")
@@ -631,6 +633,13 @@ def select_compatible(params, pruned, cfg) -> Any:
   def check(keypath, leaf, sel):
     if not sel:
       return False
+    ndim = np.ndim(leaf)
+    if axis is not None and st.kind in ("nm", "unit") and ndim > 0 and not -ndim <= axis < ndim:
+      raise ValueError(
+        f"axis={axis} is out of range for {path_str(keypath)!r} (shape "
+        f"{tuple(np.shape(leaf))}, rank {ndim}), a leaf selected for "
+        f"sparsity_type={st.name!r}; valid axes are {-ndim}..{ndim - 1}"
+      )
     reason = incompatibility(np.shape(leaf), st, axis)
     if reason is None:
       return True

@@ -188,3 +188,61 @@ def test_gradual_extra_keys_validated():
     jaxprune.create("gradual_magnitude", sparsity=0.5, end_step=10, power=0)
   with pytest.raises(ValueError, match="'power'"):
     jaxprune.create("rigl", sparsity=0.5, end_step=10, power=3)  # not a rigl key
+
+
+@pytest.mark.parametrize("name", ["magnitude", "gradual_magnitude", "random", "static", "rigl"])
+@pytest.mark.parametrize("stype", ["neuron", "channel", "block:4x4", "unstructured"])
+def test_structured_types_without_sparsity_name_it(name, stype):
+  with pytest.raises(ValueError, match="'sparsity' is required"):
+    jaxprune.create(name, sparsity_type=stype, end_step=10)
+  jaxprune.create(name, sparsity_type="2:4", end_step=10)  # N:M implies its sparsity
+
+
+@pytest.mark.parametrize("stype, axis", [("2:4", 5), ("neuron", 2), ("channel", -3)])
+def test_out_of_range_axis_names_axis_and_leaf(stype, axis):
+  params = {"Dense_0": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones((8,))}}
+  algo = jaxprune.create("magnitude", sparsity=0.5, sparsity_type=stype, axis=axis)
+  with pytest.raises(ValueError, match=rf"axis={axis} is out of range for 'Dense_0/kernel'"):
+    jaxprune.sparsify(optax.sgd(0.1), algo).init(params)
+
+
+def test_initial_sparsity_above_sparsity_names_it():
+  with pytest.raises(ValueError, match="initial_sparsity"):
+    jaxprune.create("gradual_magnitude", sparsity=0.5, initial_sparsity=0.6, end_step=10)
+  with pytest.raises(ValueError, match="initial_sparsity"):  # 2:4 implies 0.5
+    jaxprune.create("gradual_magnitude", sparsity_type="2:4", initial_sparsity=0.75, end_step=10)
+  jaxprune.create("gradual_magnitude", sparsity=0.5, initial_sparsity=0.5, end_step=10)
+
+
+@pytest.mark.parametrize(
+  "result, match",
+  [
+    ({"a": {"kernel": 1.0}, "b": 0.0}, r"returned sparsity 1.0 for 'a/kernel'"),
+    ({"a": {"kernel": -0.1}, "b": 0.0}, r"returned sparsity -0.1 for 'a/kernel'"),
+    ({"a": {"kernel": float("nan")}, "b": 0.0}, r"returned sparsity nan for 'a/kernel'"),
+    ({"a": {"kernel": 0.5}}, "does not match the params"),
+    ({"a": 0.5, "b": 0.0}, "does not match the params"),
+    ({"a": {"kernel": "0.5"}, "b": 0.0}, r"returned '0.5' for 'a/kernel'"),
+  ],
+)
+def test_callable_distribution_is_validated(result, match):
+  params = {"a": {"kernel": jnp.ones((8, 8))}, "b": jnp.ones((8,))}
+
+  def my_distribution(params, sparsity, include):
+    return result
+
+  algo = jaxprune.create("magnitude", sparsity=0.5, distribution=my_distribution)
+  with pytest.raises(ValueError, match="distribution 'my_distribution'") as e:
+    jaxprune.sparsify(optax.sgd(0.1), algo).init(params)
+  e.match(match)
+
+
+def test_callable_distribution_accepts_array_scalars():
+  params = {"a": {"kernel": jnp.ones((8, 8))}, "b": jnp.ones((8,))}
+  dist = lambda p, s, i: {"a": {"kernel": np.float32(0.25)}, "b": np.float64(0.0)}
+  tx = jaxprune.sparsify(
+    optax.sgd(0.1), jaxprune.create("magnitude", sparsity=0.5, distribution=dist)
+  )
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  assert int(np.sum(jaxprune.get_masks(state)["a"]["kernel"])) == 64 - 16

@@ -68,6 +68,11 @@ def gradual_magnitude(**config) -> base.Algorithm:
   config_lib.require_sparsity("gradual_magnitude", cfg)
   config_lib.require("gradual_magnitude", cfg, "end_step")
   s_i = config_lib.fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
+  if s_i > config_lib.target_sparsity(cfg):
+    raise ValueError(
+      f"gradual_magnitude: initial_sparsity ({s_i}) must be <= the final sparsity "
+      f"({config_lib.target_sparsity(cfg)}); masks only shrink"
+    )
   if (
     isinstance(cfg["power"], bool)
     or not isinstance(cfg["power"], (int, float))
