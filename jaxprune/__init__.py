@@ -6,6 +6,7 @@ that a jitted training step keeps the parameters sparse.
 
 from jaxprune.algorithms import REGISTRY, Algorithm, create, register
 from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
+from jaxprune.algorithms.ste import straight_through
 from jaxprune.distributions import erk, uniform
 from jaxprune.flops import Flops, LayerFlops, flops
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
@@ -40,6 +41,7 @@ __all__ = [
   "register",
   "snip_masks",
   "sparsify",
+  "straight_through",
   "summary",
   "synflow_masks",
   "topk_mask",

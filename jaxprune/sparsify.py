@@ -74,7 +74,10 @@ def sparsify(
   after every update (first step included, for every algorithm), and entries a
   mask update adds start at exactly 0.0 with zero state. Mask updates run inside the
   jitted step under ``lax.cond`` on the algorithm's schedule; RigL-style
-  algorithms receive the dense gradients given to ``tx.update``.
+  algorithms receive the dense gradients given to ``tx.update``. The
+  straight-through family (``ste``, ``sr_ste``) is the exception: its
+  parameters stay dense and only the forward pass is masked, through
+  :func:`jaxprune.straight_through`.
 
   Args:
     inner: any optax transformation (chains, ``inject_hyperparams``,
@@ -97,6 +100,8 @@ def sparsify(
       )
     check_masks(params, state.masks)
     count = optax.safe_increment(state.count)
+    if algorithm.straight_through is not None:
+      return _straight_through_step(algorithm, inner, updates, state, params, count, extra)
     if not algorithm.changes_masks:
       new_updates, inner_state = _inner_step(
         inner, updates, state.inner_state, params, state.masks, extra
@@ -124,6 +129,25 @@ def sparsify(
     return new_updates, SparseState(count, masks, inner_state, algo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _straight_through_step(algorithm, inner, grads, state, params, count, extra):
+  """``ste``/``sr_ste``: masks on schedule, dense params, unmasked inner update.
+
+  The inner transformation gets ``algorithm.straight_through(grads, params,
+  masks)`` (the SR-STE decay, or the gradients themselves) and its update is
+  returned as is: pruned entries are not zeroed, their state is kept.
+  """
+  masks, algo_state = lax.cond(
+    algorithm.is_update_step(state.count),
+    lambda _: algorithm.update(state.count, params, grads, state.masks, state.algo_state),
+    lambda _: (state.masks, state.algo_state),
+    None,
+  )
+  masks = place_like(params, masks)
+  grads = algorithm.straight_through(grads, params, masks)
+  updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
+  return updates, SparseState(count, masks, inner_state, algo_state)
 
 
 def _changed(masks_and_state, old_masks, params):

@@ -9,6 +9,7 @@ from jaxprune.algorithms.dst import rigl, set_
 from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
 from jaxprune.algorithms.random import dense, fixed, random, static
 from jaxprune.algorithms.saliency import global_saliency, saliency
+from jaxprune.algorithms.ste import sr_ste, ste
 
 REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "dense": dense,
@@ -20,6 +21,8 @@ REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "fixed": fixed,
   "saliency": saliency,
   "global_saliency": global_saliency,
+  "ste": ste,
+  "sr_ste": sr_ste,
   "set": set_,
   "rigl": rigl,
 }

@@ -29,6 +29,11 @@ class Algorithm(NamedTuple):
       each step's forward pass, and whether the step's weight gradient is
       dense; what :func:`jaxprune.training_flops` integrates. Default: the
       final sparsity throughout, sparse gradients (static, SET).
+    straight_through: None (the default: parameters are kept exactly sparse),
+      or ``(grads, params, masks) -> grads`` for the straight-through family
+      (``ste``, ``sr_ste``): parameters stay dense, the inner optimizer gets
+      these gradients unmasked, and the forward pass is expected to use
+      :func:`jaxprune.straight_through`.
   """
 
   name: str
@@ -38,6 +43,7 @@ class Algorithm(NamedTuple):
   update: Callable
   changes_masks: bool = True
   flops_schedule: Callable = constant_sparsity
+  straight_through: Callable | None = None
 
 
 def never(step):
