@@ -27,15 +27,24 @@ def test_update_keeps_active_count_and_regrows_only_inactive(shape, sparsity, dr
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
   mask = np.broadcast_to(np.asarray(_random_mask(k1, shape, sparsity)), shape)
   w = jax.random.normal(k2, shape) * mask
-  g = jax.random.normal(k3, shape)
+  # The largest gradients sit on active entries: regrowing a just-dropped entry would pay.
+  g = jax.random.normal(k3, shape) + 10.0 * mask
   new, n_drop = jax.jit(replace_connections)(jnp.asarray(mask), w, g, drop)
-  new = np.asarray(new)
+  new = np.asarray(new).reshape(-1)
+  mask = mask.reshape(-1)
   n_active, n = mask.sum(), mask.size
   assert new.sum() == n_active
-  assert int(n_drop) == min(math.floor(np.float32(drop) * np.float32(n_active)), n - n_active)
-  dropped, grown = mask & ~new, new & ~mask
-  assert dropped.sum() == grown.sum() == int(n_drop)
-  assert not np.any(dropped & grown)
+  assert int(n_drop) == min(math.floor(float(np.float32(drop)) * int(n_active)), n - n_active)
+  # The drop step, computed independently: the n_drop smallest |w| among the active
+  # entries (for equal |w| the higher index goes first; the lower index is kept).
+  idx = np.flatnonzero(mask)
+  a = np.abs(np.asarray(w).reshape(-1))[idx]
+  dropped = np.zeros(n, bool)
+  dropped[idx[np.lexsort((-idx, a))[: int(n_drop)]]] = True
+  assert not np.any(new & dropped), "an entry dropped at this update was regrown in it"
+  assert np.all(new[mask & ~dropped])  # every other active entry is kept
+  grown = new & ~(mask & ~dropped)
+  assert not np.any(grown & mask) and grown.sum() == int(n_drop)  # grown among inactive only
 
 
 def test_dropped_connections_are_not_regrown_even_with_top_gradients():
