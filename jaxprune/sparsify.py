@@ -27,16 +27,22 @@ class SparseState(NamedTuple):
 def _inner_step(inner, grads, inner_state, params, masks, extra):
   """One inner update under ``masks``; pruned entries get ``-param`` (-> exactly 0).
 
-  The inner transformation sees masked gradients, and its new per-parameter
-  state is zeroed wherever ``masks`` is False. Zeroing the state after the
-  update (not before) keeps the guarantee for every algorithm and on the first
-  step, whatever the inner transformation adds at pruned entries (weight decay
-  of parameters that were never masked, momentum of a dropped entry), and it is
-  elementwise work on values the inner update writes anyway, so XLA fuses it.
+  The inner transformation sees its per-parameter state zeroed where ``masks``
+  is False, and gradients and parameters masked the same way. Its new state is
+  then zero at pruned entries for every algorithm and from the first step on,
+  also for parameters that were never masked and for weight decay inside the
+  inner chain, for any transformation whose state stays zero where state,
+  gradient and parameter are zero (sgd, momentum, Adam(W), Lion, RMSProp,
+  Adagrad, ``MultiSteps``' accumulators, ...). Resetting the state before the
+  update fuses with the inner update for free; zeroing the new state after it
+  made XLA recompute the state update inside the parameter-update fusion
+  (4 more bytes per parameter with Adam, measured in the compiled HLO).
   """
-  updates, inner_state = inner.update(zero_masked(grads, masks), inner_state, params, **extra)
-  updates = jax.tree.map(_enforce_zero, updates, params, masks)
-  return updates, zero_where_masked(inner_state, masks, params)
+  inner_state = zero_where_masked(inner_state, masks, params)
+  updates, inner_state = inner.update(
+    zero_masked(grads, masks), inner_state, zero_masked(params, masks), **extra
+  )
+  return jax.tree.map(_enforce_zero, updates, params, masks), inner_state
 
 
 def _enforce_zero(u, p, m):
@@ -71,9 +77,10 @@ def sparsify(
   ``optax.apply_updates(params, updates)``, every entry whose mask is False is
   exactly 0.0, at every step. The inner transformation sees masked gradients;
   its per-parameter state is zero wherever a mask is False, after ``init`` and
-  after every update (first step included, for every algorithm), and entries a
-  mask update adds start at exactly 0.0 with zero state. Mask updates run inside the
-  jitted step under ``lax.cond`` on the algorithm's schedule; RigL-style
+  after every update (first step included, for every algorithm; see
+  :func:`_inner_step` for the one condition on the inner transformation), and
+  entries a mask update adds start at exactly 0.0 with zero state. Mask updates
+  run inside the jitted step under ``lax.cond`` on the algorithm's schedule; RigL-style
   algorithms receive the dense gradients given to ``tx.update``. The
   straight-through family (``ste``, ``sr_ste``) is the exception: its
   parameters stay dense and only the forward pass is masked, through
@@ -126,9 +133,29 @@ def sparsify(
       None,
     )
     new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, stable, extra)
+    if algorithm.grow_values is not None:
+      new_updates = _grown(algorithm, state, params, masks, stable, new_updates)
     return new_updates, SparseState(count, masks, inner_state, algo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _grown(algorithm, state, params, masks, stable, updates):
+  """Entries added by this step's mask update (in ``masks``, not in ``stable``)
+  start at ``algorithm.grow_values``: they are exactly 0.0 before the step, so
+  their update is the value. Their inner state was reset with ``stable``."""
+
+  def grow(_):
+    values = algorithm.grow_values(state.count, params, state.masks)
+
+    def leaf(u, v, m, s):
+      if not is_pruned_mask(m):
+        return u
+      return jnp.where(m & ~s, jnp.asarray(v).astype(u.dtype), u)
+
+    return jax.tree.map(leaf, updates, values, masks, stable)
+
+  return lax.cond(algorithm.is_update_step(state.count), grow, lambda _: updates, None)
 
 
 def _straight_through_step(algorithm, inner, grads, state, params, count, extra):

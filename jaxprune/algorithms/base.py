@@ -34,6 +34,10 @@ class Algorithm(NamedTuple):
       (``ste``, ``sr_ste``): parameters stay dense, the inner optimizer gets
       these gradients unmasked, and the forward pass is expected to use
       :func:`jaxprune.straight_through`.
+    grow_values: None (the default: entries a mask update adds start at 0.0),
+      or ``(step, params, old_masks) -> values``, a tree like ``params``:
+      entries added on an update step start at these values (SET/RigL
+      ``grow_init``); their inner optimizer state still restarts at zero.
   """
 
   name: str
@@ -44,6 +48,7 @@ class Algorithm(NamedTuple):
   changes_masks: bool = True
   flops_schedule: Callable = constant_sparsity
   straight_through: Callable | None = None
+  grow_values: Callable | None = None
 
 
 def never(step):

@@ -11,8 +11,13 @@ replace a fraction of each pruned leaf's active connections:
 
 So the number of active connections per leaf never changes, nothing dropped is
 regrown in the same update, and the drop fraction follows RigL's cosine decay
-``d_t = d/2 (1 + cos(pi t / end_step))``. Regrown weights start at exactly 0.0
-and their inner-optimizer state is zeroed by :func:`jaxprune.sparsify`.
+``d_t = d/2 (1 + cos(pi t / end_step))`` (``drop_schedule="cosine"``, the
+default) or stays at ``d`` (``"constant"``, the SET paper's fixed zeta).
+Regrown weights start at ``grow_init``: exactly 0.0 (``"zeros"``, the default),
+normal with the standard deviation of the leaf's active weights before the
+update (``"random"``, as SET and RigL's ``random_normal``), or normal with a
+given float standard deviation. Either way their inner-optimizer state restarts
+at zero (:func:`jaxprune.sparsify`).
 
 Non-finite scores never win: a NaN weight ranks below every finite active
 weight for keeping, and NaN or inf gradients rank below every finite gradient
@@ -81,12 +86,64 @@ def replace_connections(mask, weights, grow_scores, drop_fraction):
   return kept | grown, n_drop
 
 
+def _grow_values(cfg):
+  """``grow_values`` for :class:`jaxprune.algorithms.base.Algorithm`, or None for zeros.
+
+  ``(step, params, old_masks) -> values``: normal draws (``fold_in(step key, 2)``,
+  then the leaf index) scaled by the standard deviation of each pruned leaf's
+  active weights (``"random"``) or by the given float.
+  """
+  grow_init = cfg["grow_init"]
+  if isinstance(grow_init, str) and grow_init == "zeros":
+    return None
+
+  def values(step, params, masks):
+    key = jax.random.fold_in(base.step_key(cfg, step), 2)
+
+    def leaf(i, p, m):
+      if not is_pruned_mask(m):
+        return jnp.zeros((), jnp.result_type(p))
+      if isinstance(grow_init, str):  # "random": std of the active weights
+        w = jnp.asarray(p, jnp.float32)
+        n = jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0)
+        mean = jnp.sum(jnp.where(m, w, 0.0)) / n
+        std = jnp.sqrt(jnp.sum(jnp.where(m, jnp.square(w - mean), 0.0)) / n)
+      else:
+        std = jnp.float32(grow_init)
+      draw = jax.random.normal(jax.random.fold_in(key, i), jnp.shape(p), jnp.float32)
+      return (std * draw).astype(jnp.result_type(p))
+
+    leaves, treedef = jax.tree.flatten(params)
+    return jax.tree.unflatten(
+      treedef, [leaf(i, p, m) for i, (p, m) in enumerate(zip(leaves, jax.tree.leaves(masks)))]
+    )
+
+  return values
+
+
+def _check_dst_keys(cfg):
+  grow_init = cfg["grow_init"]
+  if isinstance(grow_init, str):
+    if grow_init not in ("zeros", "random"):
+      raise ValueError(f"grow_init must be 'zeros', 'random' or a float std, got {grow_init!r}")
+  elif isinstance(grow_init, bool) or not isinstance(grow_init, (int, float)) or grow_init < 0:
+    raise ValueError(f"grow_init must be 'zeros', 'random' or a float std >= 0, got {grow_init!r}")
+  if cfg["drop_schedule"] not in ("cosine", "constant"):
+    raise ValueError(f"drop_schedule must be 'cosine' or 'constant', got {cfg['drop_schedule']!r}")
+
+
 def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> base.Algorithm:
-  cfg = config_lib.validate(name, config, DEFAULTS)
+  cfg = config_lib.validate(
+    name, config, DEFAULTS, extra_keys=dict(grow_init="zeros", drop_schedule="cosine")
+  )
   config_lib.require_sparsity(name, cfg)
   config_lib.require(name, cfg, "end_step")
+  _check_dst_keys(cfg)
   t0, t1, every = cfg["start_step"], cfg["end_step"], cfg["update_every"]
-  drop_schedule = schedules.cosine_drop_fraction(cfg["drop_fraction"], t1)
+  if cfg["drop_schedule"] == "constant":
+    drop_schedule = schedules.constant(cfg["drop_fraction"])
+  else:
+    drop_schedule = schedules.cosine_drop_fraction(cfg["drop_fraction"], t1)
 
   def init(params):
     # Every selected leaf gets a full-shape mask, also one that ERK leaves
@@ -133,7 +190,15 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
     if dense_gradient
     else training_cost.constant_sparsity
   )
-  return base.Algorithm(name, cfg, init, is_update_step, update, flops_schedule=schedule)
+  return base.Algorithm(
+    name,
+    cfg,
+    init,
+    is_update_step,
+    update,
+    flops_schedule=schedule,
+    grow_values=_grow_values(cfg),
+  )
 
 
 def _random_growth(key, params, grads):
