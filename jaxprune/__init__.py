@@ -11,6 +11,7 @@ from jaxprune.distributions import erk, uniform
 from jaxprune.flops import Flops, LayerFlops, flops
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
 from jaxprune.paths import path_str
+from jaxprune.sparse_init import rescale_init
 from jaxprune.sparsify import SparseState, get_masks, get_sparse_state, sparsify
 from jaxprune.summary import Summary, summary
 from jaxprune.topk import keep_count, topk_mask, topk_masks
@@ -39,6 +40,7 @@ __all__ = [
   "path_str",
   "random_masks",
   "register",
+  "rescale_init",
   "snip_masks",
   "sparsify",
   "straight_through",
