@@ -24,14 +24,19 @@ i.e. when the recipe's learning-rate schedule does not depend on `steps`
 
 Nothing is ever deleted or overwritten on failure: a checkpoint that cannot be
 read raises `CheckpointError` naming its folder and leaves every checkpoint in
-place. Saves are atomic (orbax writes a temporary folder, then renames it); the
-newest `MAX_TO_KEEP` checkpoints are kept.
+place. Saves are atomic (orbax writes a temporary folder, then renames it; a
+process killed mid-save leaves only the temporary folder, which is never
+restored); the newest `MAX_TO_KEEP` checkpoints are kept. After each save,
+`FILES_MANIFEST` records every file's size and CRC32; before a restore, a
+truncated, altered or missing file is reported by name (files that orbax never
+reads, and damage that tensorstore would not notice, are caught the same way).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any, Mapping
 
 import jax
@@ -40,6 +45,9 @@ import orbax.checkpoint as ocp
 FORMAT = 1
 MAX_TO_KEEP = 2
 SUBDIR = "checkpoints"
+# Written by process 0 into each committed checkpoint folder: the size and CRC32
+# of every file of the checkpoint, checked before it is restored.
+FILES_MANIFEST = "jaxprune_files.json"
 # Keys that do not change what is computed: where files live, how often to log,
 # evaluate and checkpoint, the evaluation batch size and the device layout.
 # `steps` is handled separately (see the module docstring).
@@ -220,7 +228,20 @@ class Checkpointer:
       force=True,
     )
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      write_manifest(self.path(step))
     return True
+
+  def verify(self, step: int) -> None:
+    """Checks checkpoint `step`'s files against its manifest (when it has one).
+
+    Raises:
+      CheckpointError: naming the first file that is missing, truncated or
+        altered since the save.
+    """
+    problem = check_manifest(self.path(step))
+    if problem is not None:
+      raise self._corrupt(step, problem)
 
   def read_meta(self, step: int) -> dict:
     """The "meta" item of checkpoint `step`; CheckpointError if unreadable."""
@@ -228,10 +249,10 @@ class Checkpointer:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = dict(meta["meta"])
     except Exception as e:  # noqa: BLE001
-      raise self._corrupt(step, "its metadata", e) from e
+      raise self._corrupt(step, _cannot_read("its metadata", e)) from e
     if meta.get("step") != step:
       raise self._corrupt(
-        step, "its metadata", ValueError(f"metadata says step {meta.get('step')!r}")
+        step, _cannot_read("its metadata", ValueError(f"metadata says step {meta.get('step')!r}"))
       )
     return meta
 
@@ -243,12 +264,13 @@ class Checkpointer:
       )
       state = restored["state"]
     except Exception as e:  # noqa: BLE001
-      raise self._corrupt(step, "its state", e) from e
+      raise self._corrupt(step, _cannot_read("its state", e)) from e
     if jax.tree.structure(state) != jax.tree.structure(target):
       raise self._corrupt(
         step,
-        "its state",
-        ValueError("the restored tree does not match the train state's structure"),
+        _cannot_read(
+          "its state", ValueError("the restored tree does not match the train state's structure")
+        ),
       )
     return state
 
@@ -258,10 +280,11 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return None
+    self.verify(step)
     check_resumable(self.read_meta(step), config, step, self.path(step))
     return self.restore(step, target), step
 
-  def _corrupt(self, step: int, what: str, error: Exception) -> CheckpointError:
+  def _corrupt(self, step: int, problem: str) -> CheckpointError:
     others = [s for s in self.all_steps() if s != step]
     keep = (
       f"Other checkpoints (steps {others}) are left as they are; move "
@@ -270,12 +293,69 @@ class Checkpointer:
       else "Nothing was deleted; move it aside or use another workdir"
     )
     return CheckpointError(
-      f"checkpoint {self.path(step)} is corrupt or incomplete: cannot read {what} "
-      f"({type(error).__name__}: {_first_line(error)}). {keep}."
+      f"checkpoint {self.path(step)} is corrupt or incomplete: {problem}. {keep}."
     )
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _cannot_read(what: str, error: Exception) -> str:
+  return f"cannot read {what} ({type(error).__name__}: {_first_line(error)})"
+
+
+def _checkpoint_files(folder: str) -> list[str]:
+  out = []
+  for root, _, files in os.walk(folder):
+    out.extend(os.path.relpath(os.path.join(root, f), folder) for f in files)
+  return sorted(f for f in out if f != FILES_MANIFEST)
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def write_manifest(folder: str) -> None:
+  """Records the size and CRC32 of every file of the checkpoint in `folder`."""
+  files = {
+    name: [os.path.getsize(os.path.join(folder, name)), _crc32(os.path.join(folder, name))]
+    for name in _checkpoint_files(folder)
+  }
+  path = os.path.join(folder, FILES_MANIFEST)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"format": 1, "files": files}, f, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)
+
+
+def check_manifest(folder: str) -> str | None:
+  """What is wrong with the files of the checkpoint in `folder` (naming the
+  file), or None when they match its manifest or it has none (a checkpoint
+  written before manifests, or one whose process died right after the commit)."""
+  path = os.path.join(folder, FILES_MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"its file list {path} is unreadable ({type(e).__name__}: {_first_line(e)})"
+  for name, (size, crc) in sorted(files.items()):
+    file = os.path.join(folder, name)
+    if not os.path.isfile(file):
+      return f"file {file} is missing"
+    actual = os.path.getsize(file)
+    if actual != size:
+      how = "truncated" if actual < size else "grown"
+      return f"file {file} is {actual} bytes, {size} when saved ({how})"
+    if _crc32(file) != crc:
+      return f"file {file} differs from the one saved (CRC32 mismatch)"
+  return None
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:

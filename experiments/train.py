@@ -65,6 +65,7 @@ the batches are the same either way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -88,9 +89,38 @@ from experiments import sharding as shd
 from experiments.configs import common
 
 IN_MEMORY_MAX_BYTES = 1 << 28
+# How many dispatched steps (or evaluation batches) may still be running before
+# the host waits for the oldest. XLA:CPU runs the per-device parts of a
+# multi-device program on a pool of max(cores, devices) threads, and a launch
+# that finds 32 computations in flight on a device waits for a free slot *on one
+# of those threads*. With 2 devices on 2 cores, that blocked thread is the one
+# the other device's half of an all-reduce needs: the all-reduce never completes
+# (XLA aborts after its rendezvous timeout). Unbounded asynchronous dispatch gets
+# there whenever the host outruns the devices, e.g. with batches prefetched.
+MAX_IN_FLIGHT = 4
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
+
+
+class InFlight:
+  """Keeps at most `limit` dispatched computations running (see `MAX_IN_FLIGHT`).
+
+  `add(outputs)` after each dispatch; it blocks until the computation `limit`
+  dispatches back has finished. Dispatch still runs `limit` steps ahead of the
+  devices, so the host's work (batches, logging) overlaps theirs.
+  """
+
+  def __init__(self, limit: int = MAX_IN_FLIGHT):
+    if limit < 1:
+      raise ValueError(f"limit must be >= 1, got {limit}")
+    self.limit = limit
+    self._outputs: collections.deque = collections.deque()
+
+  def add(self, outputs) -> None:
+    self._outputs.append(outputs)
+    while len(self._outputs) > self.limit:
+      jax.block_until_ready(self._outputs.popleft())
 
 
 class Interrupted(Exception):
@@ -429,10 +459,11 @@ def make_eval_step(model, num_classes: int):
 
 def evaluate(eval_step, state: TrainState, batches: Iterator, mesh) -> dict:
   """Test accuracy and loss over one pass of padded eval batches."""
-  sums = None
+  sums, in_flight = None, InFlight()
   for batch in batches:
     out = eval_step(state.params, state.batch_stats, shd.put_batch(batch, mesh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    in_flight.add(sums)
   sums = jax.device_get(sums)
   count = max(float(sums["count"]), 1.0)
   return {"accuracy": float(sums["correct"]) / count, "loss": float(sums["loss"]) / count}
@@ -627,7 +658,7 @@ def train_loop(
     eval_step, s, data.eval_batches(config, source=setup.test_source), mesh
   )
 
-  pending, last_eval = [], None
+  pending, last_eval, in_flight = [], None, InFlight()
   t_log, step_log = time.time(), start
   bar = tqdm(
     total=steps,
@@ -646,6 +677,7 @@ def train_loop(
       for step in range(start + 1, steps + 1):
         state, metrics = train_step(state, shd.put_batch(next(batches), mesh))
         pending.append(metrics)
+        in_flight.add(metrics)
         bar.update(1)
         do_eval = step % config.eval_every == 0 or step == steps
         if do_eval or step % config.log_every == 0:

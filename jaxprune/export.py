@@ -29,8 +29,10 @@ max|kept values of the channel| / 127``, so every reconstructed value is within
 bitmasks (close to the entropy of a random mask, about 0.5 bit per entry at
 90% sparsity), ``"zlib"`` for values, ``"raw"`` when compressing does not help. A truncated, tampered or foreign file raises
 :class:`CheckpointError` (a ValueError) before any value is returned; a file is
-written to a temporary file in the same directory and moved into place with
-``os.replace``, so a failed write leaves an existing file untouched.
+written to a temporary file in the same directory, fsynced and moved into
+place with ``os.replace`` (then the directory is fsynced), so a write that fails
+or is killed leaves no partial file at the target path: an existing file stays
+untouched, at worst a ``<name>.<random>.tmp`` file is left beside it.
 """
 
 from __future__ import annotations
@@ -391,7 +393,21 @@ def save_compressed(
     except OSError:
       pass
     raise
+  _fsync_directory(directory)  # The rename itself survives a crash.
   return size
+
+
+def _fsync_directory(directory: str) -> None:
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:  # E.g. platforms that cannot open directories.
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def _rebuild(entries_keys, leaves):

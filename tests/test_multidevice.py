@@ -3,6 +3,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4) against one device."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from test_train import REPO, TINY, compile_cache, run_quiet, subprocess_env, tiny_config  # noqa: F401 (fixture)
 
 import jaxprune
+from experiments import train
 
 DEVICES = 4
 CNN_KWARGS = {"channels": (4,), "hidden": 16}
@@ -172,3 +174,66 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error(tmp_path):
   assert "batch_size=30 is not divisible by the number of devices" in proc.stderr
   assert "(4; 4 devices)" in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+# Dispatches many steps of a 2-device program with an all-reduce, as fast as the
+# host can, through `train.InFlight(limit)` (limit 0: no bound at all).
+DISPATCH = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from experiments import train
+
+limit, steps = int(sys.argv[1]), int(sys.argv[2])
+mesh = Mesh(np.array(jax.devices()), ("data",))
+w = jax.device_put(jnp.ones((512, 512)), NamedSharding(mesh, P()))
+x = jax.device_put(np.random.rand(256, 512).astype(np.float32), NamedSharding(mesh, P("data")))
+
+@jax.jit
+def step(w, x):
+  g = jnp.mean(jnp.tanh(x @ w), axis=0)  # Mean over the split batch: an all-reduce.
+  return w - 1e-3 * g[None, :], jnp.sum(g)
+
+in_flight = train.InFlight(limit) if limit else None
+for _ in range(steps):
+  w, metric = step(w, x)
+  if in_flight is not None:
+    in_flight.add(metric)
+jax.block_until_ready(w)
+print("done", flush=True)
+"""
+
+
+def run_dispatch(limit, steps=300, timeout_s=10):
+  """The DISPATCH script on 2 CPU devices; XLA aborts a stuck collective after
+  `timeout_s` seconds. Returns the finished process."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  env = subprocess_env(
+    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2 "
+    f"--xla_cpu_collective_timeout_seconds={timeout_s} "
+    f"--xla_cpu_collective_call_terminate_timeout_seconds={timeout_s}"
+  )
+  return subprocess.run(
+    [sys.executable, "-c", DISPATCH, str(limit), str(steps)],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=300,
+  )
+
+
+def test_bounded_dispatch_never_deadlocks_a_collective():
+  """Issue 8, defect 9: the training loop's bound on steps in flight keeps
+  XLA:CPU's launch pacing from taking the thread an all-reduce needs."""
+  proc = run_dispatch(train.MAX_IN_FLIGHT)
+  assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_unbounded_dispatch_deadlocks_a_collective():
+  """The control: without the bound, the same loop hangs in an all-reduce on 2
+  CPU devices until XLA aborts it (SIGABRT)."""
+  proc = run_dispatch(0)
+  assert proc.returncode == -signal.SIGABRT, (proc.returncode, proc.stderr[-2000:])
+  assert "Expected 2 threads to join the rendezvous" in proc.stderr

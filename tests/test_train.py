@@ -349,6 +349,17 @@ def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_deleted(smoke, tmp_p
   with pytest.raises(checkpoint.CheckpointError) as e:
     train.run(tiny_config(workdir, "--config.steps=40"))
   message = str(e.value)
+  # The file list written at save time names the damaged file.
+  item = os.path.join(latest, "state" if part == "state" else "meta")
+  assert f"file {item}{os.sep}" in message and "CRC32 mismatch" in message, message
+  assert "corrupt" in message and "steps [20]" in message
+  assert tree_files(workdir) == before  # Nothing deleted, nothing overwritten.
+  # Without that list (checkpoints written before it), orbax's own error.
+  os.remove(os.path.join(latest, checkpoint.FILES_MANIFEST))
+  before = tree_files(workdir)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train.run(tiny_config(workdir, "--config.steps=40"))
+  message = str(e.value)
   assert latest in message and "corrupt" in message and f"cannot read its {part}" in message
   assert "steps [20]" in message
   assert tree_files(workdir) == before  # Nothing deleted, nothing overwritten.
