@@ -2,12 +2,19 @@
 
 Rounding rule (used everywhere in jaxprune): a leaf of ``n`` entries at target
 sparsity ``s`` keeps exactly ``n - floor(s * n)`` entries, ``floor`` taken of the
-float64 product. Ties are broken deterministically: among equal scores, lower
-flat (row-major) indices win; across several leaves selected jointly, earlier
-leaves (in tree-flattening order) win.
+float64 product. Inside jit a traced sparsity is a float32 (without x64); its
+count is the same float64 rule for that float32 value, computed exactly with
+integer arithmetic for every ``n < 2**31`` (:func:`jaxprune.rounding.floor_product`),
+so traced and eager counts agree for the same float32 value. (A traced 0.7 is
+the float32 0.69999999: 10 entries keep 4, where the Python float 0.7 keeps 3.)
+Structured types count tiles or units the same way. Ties are broken
+deterministically: among equal scores, lower flat (row-major) indices win;
+across several leaves selected jointly, earlier leaves (in tree-flattening
+order) win.
 
 The k-th largest score is found by bisection over the 32 bits of an
-order-preserving integer image of the float32 scores: 32 counting passes, each a
+order-preserving integer image of the float32 scores: at most 32 counting passes
+(fewer when a prefix already separates exactly k entries), each a
 fused compare-and-sum that XLA shards like any reduction (no gather, no sort).
 Counts are float32 sums, exact while a count stays below 2**24, else int32.
 NaN scores rank lowest, below -inf.
@@ -75,21 +82,35 @@ def _topk_masks(scores, k):
   def count(pred_fn):
     return sum(jnp.sum(pred_fn(i, key), dtype=cdt) for i, key in enumerate(keys))
 
-  def bit_step(b, t):
-    cand = t | (jnp.uint32(1) << (31 - b).astype(jnp.uint32))
-    return jnp.where(count(lambda i, key: key >= cand) >= k, cand, t)
+  # Bisection for the largest t with count(key >= t) >= k (the k-th largest key),
+  # one bit per counting pass from the top. It stops as soon as count(key >= t)
+  # is exactly k: then ``key >= t`` is the selection (every key >= the k-th
+  # largest, no tie to break), the same set the full 32 bits would give.
+  def unresolved(carry):
+    b, _, c = carry
+    return (b < 32) & (c != k)
 
-  # Largest t with count(key >= t) >= k: the k-th largest key.
-  thresh = lax.fori_loop(0, 32, bit_step, jnp.uint32(0))
-  n_above = count(lambda i, key: key > thresh)
-  n_equal = count(lambda i, key: key == thresh)
-  need = k - n_above  # how many of the tied entries to keep
+  def bit_step(carry):
+    b, t, c = carry
+    cand = t | (jnp.uint32(1) << (31 - b).astype(jnp.uint32))
+    c_cand = count(lambda i, key: key >= cand)
+    take = c_cand >= k
+    return b + 1, jnp.where(take, cand, t), jnp.where(take, c_cand, c)
+
+  init = (jnp.int32(0), jnp.uint32(0), jnp.asarray(total, cdt))  # count(key >= 0) = total
+  _, thresh, n_at_least = lax.while_loop(unresolved, bit_step, init)
 
   offsets = [0]
   for key in keys[:-1]:
     offsets.append(offsets[-1] + int(key.size))
 
+  def exact(_):
+    return [key >= thresh for key in keys]
+
   def break_ties(_):
+    # thresh is the k-th largest key and more than k keys reach it: keep every
+    # key above it and, of those equal to it, the ``need`` lowest flat indices.
+    need = k - count(lambda i, key: key > thresh)
     idx = [_flat_index(key.shape, off) for key, off in zip(keys, offsets)]
 
     def idx_step(b, j):  # largest j with count(eq & idx <= j) < need, plus one
@@ -99,13 +120,10 @@ def _topk_masks(scores, k):
 
     nbits = max(1, int(total).bit_length())
     j = lax.fori_loop(0, nbits, idx_step, jnp.int32(0))
-    return [(key == thresh) & (ix <= j) for key, ix in zip(keys, idx)]
+    return [(key > thresh) | ((key == thresh) & (ix <= j)) for key, ix in zip(keys, idx)]
 
-  def keep_all_ties(_):
-    return [key == thresh for key in keys]
-
-  ties = lax.cond((need > 0) & (need < n_equal), break_ties, keep_all_ties, None)
-  return [((key > thresh) | tie) & (k > 0) for key, tie in zip(keys, ties)]
+  kept = lax.cond(n_at_least == k, exact, break_ties, None)
+  return [m & (k > 0) for m in kept]
 
 
 def topk_mask(scores: jax.Array, k) -> jax.Array:

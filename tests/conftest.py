@@ -5,4 +5,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=25, deadline=None)
-settings.load_profile("ci")
+# HYPOTHESIS_PROFILE=slow: tests that follow the profile draw many more examples.
+settings.register_profile("slow", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
