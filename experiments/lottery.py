@@ -129,12 +129,23 @@ def run_one(config, workdir: str, params0, masks, start_step: int, stop_at=None,
 
   Returns ``(final params, result dict)``.
   """
+  algorithm = jaxprune.create("fixed", masks=masks)
+  return run_with(config, workdir, algorithm, params0, start_step, stop_at=stop_at, log=log)
+
+
+def run_with(
+  config, workdir: str, algorithm, params0, start_step=0, *, stop_at=None, model=None, log=None
+):
+  """:func:`run_one` for any ``algorithm`` (and optionally another ``model``
+  object with the same ``init``/``apply``): the `experiments.train` loop,
+  checkpoints and result, starting from ``params0``."""
   t0 = time.time()
   with config.unlocked():
     config.workdir = workdir
-    config.algorithm = "dense"  # built and then replaced by fixed masks below
+    config.algorithm = "dense"  # built and then replaced by `algorithm` below
   setup = train.build(config)
-  algorithm = jaxprune.create("fixed", masks=masks)
+  if model is not None:
+    setup = dataclasses.replace(setup, model=model)
   tx = jaxprune.sparsify(common.optimizer(config, setup.schedule), algorithm)
   base = train.make_init(setup.model, tx, data.input_shape(config))
 

@@ -1,0 +1,428 @@
+"""Result tables for pruning at init, SR-STE and the SET/RigL options (issue 10).
+
+    python -m experiments.toolbox --table=at_init --config=experiments/configs/fmnist_mlp.py \\
+        [--sparsities=0.9,0.99,0.999] [--seeds=0] [--plot=results/at_init_mlp.png] [--config.KEY=V]
+    python -m experiments.toolbox --table=sr_ste --config=experiments/configs/fmnist_cnn.py
+    python -m experiments.toolbox --table=dst --config=experiments/configs/fmnist_mlp.py \\
+        [--sparsities=0.95,0.98]
+
+Tables:
+- ``at_init``: SNIP, GraSP, SynFlow, global magnitude at init and uniform random
+  masks, trained with ``fixed`` masks; a ``collapsed`` column says whether some
+  pruned layer was cut off (no path from input to output, measured as SynFlow's
+  R = 0 on the masked |θ|).
+- ``sr_ste``: SR-STE 2:4 from scratch (Zhou et al. 2021) against dense training
+  and gradual 2:4 magnitude pruning (the cubic ramp 4:4 -> 3:4 -> 2:4).
+- ``dst``: SET and RigL with today's defaults against ``grow_init="random"``,
+  ``drop_schedule="constant"`` and both plus ``jaxprune.rescale_init``.
+
+Every run is an `experiments.train` run (checkpointed, resumable, finished runs
+skipped on a rerun) under ``config.workdir``. Prints a table and ends with one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import jaxprune
+from experiments import lottery, train
+
+FLAGS = {"table": "", "sparsities": "", "seeds": "0", "plot": ""}
+
+
+def _split(argv):
+  flags, rest = dict(FLAGS), [argv[0]]
+  for a in argv[1:]:
+    key = a[2:].split("=", 1)[0] if a.startswith("--") else None
+    if key in FLAGS and "=" in a:
+      flags[key] = a.split("=", 1)[1]
+    else:
+      rest.append(a)
+  if flags["table"] not in ("at_init", "sr_ste", "dst"):
+    raise train.ConfigError(f"--table must be at_init, sr_ste or dst, got {flags['table']!r}")
+  return flags, rest
+
+
+def _fresh(config, seed):
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.seed = int(seed)
+  return c
+
+
+def _model_init(config, seed):
+  setup = train.build(_algo_free(config))
+  params, batch_stats, _ = jax.jit(setup.init.model)(jax.random.PRNGKey(int(seed)))
+  return setup, jax.device_get(params), jax.device_get(batch_stats)
+
+
+def _algo_free(config):
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.algorithm = "dense"
+  return c
+
+
+def _cached(workdir, fn):
+  done = os.path.join(workdir, "toolbox_result.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  result = fn()
+  os.makedirs(workdir, exist_ok=True)
+  with open(done, "w") as f:
+    json.dump(result, f)
+  return result
+
+
+# ----------------------------------------------------------------------- at init
+
+
+def _loss(setup, batch_stats):
+  def loss(params, batch, temperature=1.0):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits = setup.model.apply(variables, batch["image"], train=False) / temperature
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  return loss
+
+
+def _apply(setup, batch_stats):
+  return lambda p, x: setup.model.apply(
+    {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}, x, train=False
+  )
+
+
+def has_path(apply_fn, params, masks, input_shape) -> bool:
+  """Positive synaptic flow through the masked |θ| on an all-ones input."""
+  kept = jax.tree.map(lambda p, m: jnp.abs(p) * m, params, masks)
+  return bool(jnp.sum(apply_fn(kept, jnp.ones(input_shape))) > 0)
+
+
+def at_init_masks(method, setup, params, batch_stats, config, sparsity, seed):
+  from experiments import data
+
+  shape = (1, *data.input_shape(config))
+  if method == "synflow":
+    return jaxprune.synflow_masks(params, _apply(setup, batch_stats), shape, sparsity)
+  if method in ("snip", "grasp"):
+    it = data.train_batches(config, source=setup.train_source)
+    batches = [
+      {"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"])}
+      for b in (next(it) for _ in range(10))
+    ]  # 10 batches (GraSP's 10 per class scale)
+    fn = jaxprune.snip_masks if method == "snip" else jaxprune.grasp_masks
+    return fn(params, _loss(setup, batch_stats), batches, sparsity)
+  pruned = jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  if method == "magnitude":
+    from jaxprune.algorithms.at_init import global_masks
+
+    return global_masks(jax.tree.map(jnp.abs, params), pruned, sparsity)
+  if method == "random":
+    return jaxprune.random_masks(
+      jax.random.PRNGKey(seed), params, jaxprune.uniform(params, sparsity)
+    )
+  raise ValueError(method)
+
+
+def table_at_init(config, sparsities, seeds, say):
+  rows = []
+  root = config.workdir
+  for seed in seeds:
+    c = _fresh(config, seed)
+    setup, params, batch_stats = _model_init(c, seed)
+    for s in sparsities:
+      for method in ("snip", "grasp", "synflow", "magnitude", "random"):
+        folder = os.path.join(root, f"{method}_s{s}_seed{seed}")
+
+        def run():
+          masks = at_init_masks(method, setup, params, batch_stats, c, s, seed)
+          from experiments import data
+
+          path = has_path(_apply(setup, batch_stats), params, masks, (1, *data.input_shape(c)))
+          empty = [
+            jaxprune.path_str(k)
+            for k, m in jax.tree_util.tree_flatten_with_path(masks)[0]
+            if np.ndim(m) and not np.asarray(m).any()
+          ]
+          _, result = lottery.run_one(_fresh(c, seed), folder, params, masks, 0)
+          return {
+            "method": method,
+            "sparsity": s,
+            "seed": seed,
+            "test_accuracy": result["test_accuracy"],
+            "collapsed": (not path) or bool(empty),
+            "empty_layers": empty,
+          }
+
+        row = _cached(folder, run)
+        say(
+          f"[toolbox] {method} s={s} seed={seed}: {row['test_accuracy']:.4f}"
+          + (" (collapsed)" if row["collapsed"] else "")
+        )
+        rows.append(row)
+  return rows
+
+
+# ------------------------------------------------------------------------ SR-STE
+
+
+class _SparseForward:
+  """A model whose forward pass runs on ``straight_through(params, masks(params))``.
+
+  With ``update_every=1`` the STE algorithms' masks are the magnitude masks of
+  the params handed to ``tx.update``, which are the params of this forward
+  pass: recomputing them here gives exactly the algorithm's masks.
+  """
+
+  def __init__(self, model, algorithm):
+    self.model, self.algorithm = model, algorithm
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, variables, *args, **kwargs):
+    params = variables["params"]
+    masks, _ = self.algorithm.init(params)
+    sparse = jaxprune.straight_through(params, masks)
+    return self.model.apply({**variables, "params": sparse}, *args, **kwargs)
+
+
+def table_sr_ste(config, seeds, say):
+  rows = []
+  steps = int(config.steps)
+  variants = {
+    "dense": lambda: jaxprune.create("dense"),
+    "gradual_2:4": lambda: jaxprune.create(
+      "gradual_magnitude",
+      sparsity_type="2:4",
+      start_step=int(0.1 * steps),
+      end_step=int(0.6 * steps),
+      update_every=max(1, steps // 40),
+    ),
+    "sr_ste_2:4": lambda: jaxprune.create("sr_ste", sparsity_type="2:4"),
+    "ste_2:4": lambda: jaxprune.create("ste", sparsity_type="2:4"),
+  }
+  for seed in seeds:
+    c = _fresh(config, seed)
+    setup, params, _ = _model_init(c, seed)
+    for name, make in variants.items():
+      folder = os.path.join(config.workdir, f"{name.replace(':', '_')}_seed{seed}")
+
+      def run():
+        algo = make()
+        model = _SparseForward(setup.model, algo) if algo.straight_through else None
+        final, result = lottery.run_with(_fresh(c, seed), folder, algo, params, model=model)
+        out = {"variant": name, "seed": seed, "test_accuracy": result["test_accuracy"]}
+        if algo.straight_through:
+          masks, _ = algo.init(final)
+          out["nm_exact"] = _nm_exact(masks)
+        return out
+
+      row = _cached(folder, run)
+      say(f"[toolbox] {name} seed={seed}: {row['test_accuracy']:.4f}")
+      rows.append(row)
+  return rows
+
+
+def _nm_exact(masks) -> bool:
+  from jaxprune.structured import group_counts
+
+  return all(
+    bool(np.all(group_counts(np.asarray(m), 4, axis=-2) == 2))
+    for m in jax.tree.leaves(masks)
+    if np.ndim(m)
+  )
+
+
+# ------------------------------------------------------------------- SET / RigL
+
+
+def table_dst(config, sparsities, seeds, say):
+  rows = []
+  steps = int(config.steps)
+  common = dict(update_every=100, end_step=int(0.75 * steps), drop_fraction=0.3)
+  variants = {
+    "default": dict(),
+    "random+constant": dict(grow_init="random", drop_schedule="constant"),
+    "random+constant+rescale": dict(grow_init="random", drop_schedule="constant"),
+  }
+  for seed in seeds:
+    c = _fresh(config, seed)
+    setup, params, _ = _model_init(c, seed)
+    for s in sparsities:
+      for name in ("set", "rigl"):
+        for variant, extra in variants.items():
+          folder = os.path.join(config.workdir, f"{name}_{variant}_s{s}_seed{seed}")
+
+          def run():
+            algo = jaxprune.create(name, sparsity=s, seed=seed, **common, **extra)
+            start = params
+            if "rescale" in variant:
+              masks, _ = algo.init(params)
+              start = jaxprune.rescale_init(params, masks)
+            _, result = lottery.run_with(_fresh(c, seed), folder, algo, start)
+            return {
+              "algorithm": name,
+              "variant": variant,
+              "sparsity": s,
+              "seed": seed,
+              "test_accuracy": result["test_accuracy"],
+            }
+
+          row = _cached(folder, run)
+          say(f"[toolbox] {name} {variant} s={s} seed={seed}: {row['test_accuracy']:.4f}")
+          rows.append(row)
+  return rows
+
+
+# --------------------------------------------------------------------- reporting
+
+
+def _mean_std(values):
+  v = np.asarray(values, float)
+  return f"{v.mean():.4f}" + (f" ± {v.std():.4f}" if len(v) > 1 else "")
+
+
+def markdown(table, rows) -> str:
+  if table == "at_init":
+    sparsities = sorted({r["sparsity"] for r in rows})
+    lines = ["| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"]
+    lines.append("|---" * (len(sparsities) + 1) + "|")
+    for method in ("snip", "grasp", "synflow", "magnitude", "random"):
+      cells = []
+      for s in sparsities:
+        sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
+        if not sel:
+          cells.append("-")
+          continue
+        collapsed = sum(r["collapsed"] for r in sel)
+        cells.append(
+          _mean_std([r["test_accuracy"] for r in sel])
+          + (f" (collapsed {collapsed}/{len(sel)})" if collapsed else "")
+        )
+      lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+  if table == "sr_ste":
+    lines = ["| variant | test accuracy | exact 2:4 |", "|---|---|---|"]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+      sel = [r for r in rows if r["variant"] == v]
+      nm = "yes" if all(r.get("nm_exact", True) for r in sel) else "no"
+      nm = nm if v != "dense" else "-"
+      lines.append(f"| {v} | {_mean_std([r['test_accuracy'] for r in sel])} | {nm} |")
+    return "\n".join(lines)
+  sparsities = sorted({r["sparsity"] for r in rows})
+  lines = ["| algorithm | variant | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"]
+  lines.append("|---|---" + "|---" * len(sparsities) + "|")
+  for name in ("set", "rigl"):
+    for v in dict.fromkeys(r["variant"] for r in rows):
+      cells = []
+      for s in sparsities:
+        sel = [r for r in rows if (r["algorithm"], r["variant"], r["sparsity"]) == (name, v, s)]
+        cells.append(_mean_std([r["test_accuracy"] for r in sel]) if sel else "-")
+      lines.append(f"| {name} | {v} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_at_init(rows, path, title):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for method in ("snip", "grasp", "synflow", "magnitude", "random"):
+    sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
+    xs = sorted({r["sparsity"] for r in sel})
+    ys = [np.mean([r["test_accuracy"] for r in sel if r["sparsity"] == x]) for x in xs]
+    ax.plot([100 * (1 - x) for x in xs], ys, "o-", label=method)
+  ax.set_xscale("log")
+  ax.invert_xaxis()
+  ax.set_xlabel("weights remaining (%)")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_bars(table, rows, path, title):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  if table == "sr_ste":
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    values = [np.mean([r["test_accuracy"] for r in rows if r["variant"] == v]) for v in labels]
+  else:
+    keys = list(dict.fromkeys((r["algorithm"], r["variant"], r["sparsity"]) for r in rows))
+    labels = [f"{a} {v}\n{100 * s:g}%" for a, v, s in keys]
+    values = [
+      np.mean(
+        [r["test_accuracy"] for r in rows if (r["algorithm"], r["variant"], r["sparsity"]) == k]
+      )
+      for k in keys
+    ]
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
+  ax.bar(range(len(labels)), values)
+  ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+  ax.set_ylim(min(values) - 0.05, max(values) + 0.02)
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  say = lambda *a: print(*a, flush=True)
+  try:
+    flags, rest = _split(argv)
+    config = train.parse_config(rest)
+    train.check_config(config)
+    seeds = [int(s) for s in flags["seeds"].split(",") if s]
+    table = flags["table"]
+    default = {"at_init": "0.9,0.99,0.999", "dst": "0.95,0.98", "sr_ste": ""}[table]
+    sparsities = [float(s) for s in (flags["sparsities"] or default).split(",") if s]
+    config = _fresh(config, config.seed)
+    config.workdir = os.path.abspath(config.workdir)
+    if table == "at_init":
+      rows = table_at_init(config, sparsities, seeds, say)
+    elif table == "sr_ste":
+      rows = table_sr_ste(config, seeds, say)
+    else:
+      rows = table_dst(config, sparsities, seeds, say)
+  except (train.ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  text = markdown(table, rows)
+  say(text)
+  summary = {"table": table, "config": config.name, "steps": int(config.steps), "rows": rows}
+  if flags["plot"]:
+    title = f"{config.name}: {table} ({int(config.steps)} steps)"
+    if table == "at_init":
+      summary["plot"] = plot_at_init(rows, flags["plot"], title)
+    else:
+      summary["plot"] = plot_bars(table, rows, flags["plot"], title)
+  say(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
