@@ -62,6 +62,11 @@ COMBOS = [
   if _accepted(n, t)
 ]
 
+# Inner transformations that mix entries: global-norm clipping of a non-finite gradient
+# turns the masked zeros into 0 * nan, so their stored state can hold NaN at pruned
+# entries until the next step zeroes it (see the README's guarantees).
+MIXING = ("clip_adamw",)
+
 INNER = {
   "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
   "adam": lambda: optax.adam(1e-2),
@@ -247,7 +252,8 @@ def _check_invariants(combo, sparsity, distribution, inner, kind, seed, special_
         was_finite = np.isfinite(np.asarray(p_old))
         assert np.all(np.asarray(p)[~m & was_finite] == 0.0), f"step {t}: pruned entry not 0.0"
       inner_state = jaxprune.get_sparse_state(new_state).inner_state
-      for sub in _param_like(inner_state, params):
+      finite_grads = all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+      for sub in _param_like(inner_state, params) if finite_grads or inner not in MIXING else ():
         for x, m in zip(jax.tree.leaves(sub), jax.tree.leaves(new_masks)):
           m = np.broadcast_to(np.asarray(m), np.shape(x))
           assert np.all(np.asarray(x)[~m] == 0), f"step {t}: inner state non-zero where pruned"
