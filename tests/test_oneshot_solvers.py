@@ -105,7 +105,11 @@ def test_wanda_matches_numpy(target):
 
 @pytest.mark.parametrize(
   "d_in,target",
-  [(320, dict(sparsity=0.5)), (320, dict(sparsity_type="2:4")), (200, dict(sparsity=0.7))],
+  [
+    (320, dict(sparsity=0.5)),
+    (320, dict(sparsity_type="2:4")),
+    pytest.param(200, dict(sparsity=0.7), marks=pytest.mark.slow),
+  ],
 )
 def test_sparsegpt_matches_numpy(d_in, target):
   # 320 = two blocks of 128 and a partial block of 64, with two dead inputs.

@@ -1,8 +1,53 @@
 """One-shot (post-training) pruning of pretrained models.
 
-* :mod:`~jaxprune.oneshot.solvers`: per-kernel magnitude, Wanda and SparseGPT.
+* :mod:`~jaxprune.oneshot.solvers`: per-kernel magnitude, Wanda (Sun et al. 2023)
+  and SparseGPT (Frantar & Alistarh 2023), unstructured or N:M.
+* :mod:`~jaxprune.oneshot.calibration`: input statistics of every kernel, captured
+  by Linen method interception or NNX class swapping.
+* :mod:`~jaxprune.oneshot.driver`: layer-sequential and single-pass pruning,
+  returning params plus the library's pytree masks.
+* :mod:`~jaxprune.oneshot.layers`: block influence and layer removal (ShortGPT,
+  Men et al. 2024).
 """
 
+from jaxprune.oneshot.calibration import (
+  KernelStats,
+  collect,
+  hessian,
+  kernel_as_matrix,
+  linen_stats_fn,
+  matrix_as_kernel,
+  nnx_collect,
+)
+from jaxprune.oneshot.driver import (
+  METHODS,
+  prune_kernel,
+  prune_params,
+  prune_sequential,
+  prune_single_pass,
+)
+from jaxprune.oneshot.layers import block_influence, choose_blocks, remove_blocks
 from jaxprune.oneshot.solvers import SparseGPTInfo, magnitude, parse_target, sparsegpt, wanda
 
-__all__ = ["SparseGPTInfo", "magnitude", "parse_target", "sparsegpt", "wanda"]
+__all__ = [
+  "KernelStats",
+  "METHODS",
+  "SparseGPTInfo",
+  "block_influence",
+  "choose_blocks",
+  "collect",
+  "hessian",
+  "kernel_as_matrix",
+  "linen_stats_fn",
+  "magnitude",
+  "matrix_as_kernel",
+  "nnx_collect",
+  "parse_target",
+  "prune_kernel",
+  "prune_params",
+  "prune_sequential",
+  "prune_single_pass",
+  "remove_blocks",
+  "sparsegpt",
+  "wanda",
+]
