@@ -4,6 +4,7 @@ Masks are pytrees alongside params; ``sparsify`` wraps any optax optimizer so
 that a jitted training step keeps the parameters sparse.
 """
 
+from jaxprune import oneshot
 from jaxprune.algorithms import REGISTRY, Algorithm, create, register
 from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
 from jaxprune.algorithms.ste import straight_through
@@ -37,6 +38,7 @@ __all__ = [
   "grasp_masks",
   "keep_count",
   "magnitude_masks",
+  "oneshot",
   "path_str",
   "random_masks",
   "register",
