@@ -28,7 +28,7 @@ def main():
   print(f"devices: {jax.devices()}")
 
   # update_every=1: every step of "rigl_update"/"set_update" updates the masks;
-  # "rigl_plain" never does within the timed window.
+  # "rigl_plain"/"set_plain" never do within the timed window.
   variants = {
     "dense": optax.adam(1e-3),
     "rigl_update": jaxprune.sparsify(
@@ -39,6 +39,9 @@ def main():
     ),
     "rigl_plain": jaxprune.sparsify(
       optax.adam(1e-3), jaxprune.create("rigl", sparsity=0.9, update_every=10**8, end_step=10**9)
+    ),
+    "set_plain": jaxprune.sparsify(
+      optax.adam(1e-3), jaxprune.create("set", sparsity=0.9, update_every=10**8, end_step=10**9)
     ),
   }
   steps, state = {}, {}
@@ -58,6 +61,7 @@ def main():
   for name, t in med.items():
     print(f"{name:12s} median {t * 1e3:8.2f} ms   ratio to dense {t / med['dense']:.2f}")
   print(f"SET mask-update step / dense step (median): {med['set_update'] / med['dense']:.2f}")
+  print(f"SET non-update step / dense step (median): {med['set_plain'] / med['dense']:.3f}")
   print(f"RigL non-update step / dense step (median): {med['rigl_plain'] / med['dense']:.3f}")
   print(f"RigL mask-update step / dense step (median): {med['rigl_update'] / med['dense']:.2f}")
 
