@@ -151,3 +151,23 @@ def test_layer_removal(tiny):
   assert out.shape == (2, 16, TINY.vocab_size)
   with pytest.raises(ValueError, match="layers_7"):
     oneshot.remove_blocks(params, [7])
+
+
+@pytest.mark.parametrize("sparsity_type", [None, "2:4"])
+def test_save_and_reload_give_the_same_model(tiny, tmp_path, sparsity_type):
+  from experiments import prune_llm
+
+  params, calib = tiny
+  segs = np.asarray(jnp.concatenate(calib))
+  sp = None if sparsity_type else 0.5
+  new, masks = prune_llm.prune(TINY, params, segs, "magnitude", sp, sparsity_type, log=print)
+  short = oneshot.remove_blocks(new, [0])
+  short_masks = oneshot.remove_blocks(masks, [0])
+  cfg = TINY._replace(n_layers=2)
+  prune_llm.save(str(tmp_path), cfg, short, short_masks, sparsity_type, [0])
+  cfg2, back = prune_llm.load_pruned(str(tmp_path))
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if sparsity_type:
+    assert (tmp_path / "nm.jxp").exists()
