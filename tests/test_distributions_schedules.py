@@ -1,4 +1,5 @@
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import tiny_problem, train
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
@@ -103,3 +104,28 @@ def test_gradual_magnitude_reaches_final_exactly_at_end_step_and_stays():
 def test_erk_skips_zero_size_leaves():
   s = jaxprune.erk({"z": jnp.zeros((0, 5)), "w": jnp.ones((4, 4))}, 0.5)
   assert s["z"] == 0.0 and s["w"] == pytest.approx(0.5)
+
+
+@settings(max_examples=10)
+@given(
+  n=st.one_of(st.integers(1, 1000), st.integers(2**24, 2**31 - 1)),
+  s_i=st.floats(0.0, 0.999),
+  s_f=st.floats(0.0, 0.999),
+  fracs=st.lists(st.floats(0.0, 1.0, width=32), min_size=1, max_size=8),
+)
+def test_polynomial_keep_count_exact_end_points_and_within_one(n, s_i, s_f, fracs):
+  s_i, s_f = min(s_i, s_f), max(s_i, s_f)
+  fracs = np.sort(np.asarray(fracs + [0.0, 1.0], np.float32))
+  k = np.asarray(schedules.polynomial_keep_count(n, s_i, s_f, jnp.asarray(fracs)))
+  p_i, p_f = math.floor(s_i * n), math.floor(s_f * n)
+  assert k[0] == n - p_i and k[-1] == n - p_f  # exact end points
+  assert np.all(np.diff(k.astype(np.int64)) <= 0)  # pruning never goes back
+  for f, kept in zip(fracs, k):  # within one entry of n - floor(s_t n), s_t from float32 c
+    c = Fraction(float(np.float32(1) - (np.float32(1) - f) ** np.float32(3)))
+    s_t_n = Fraction(s_i) * n + (Fraction(s_f) - Fraction(s_i)) * n * c
+    assert abs((n - int(kept)) - math.floor(s_t_n)) <= 1
+
+
+def test_polynomial_keep_count_needs_initial_at_most_final():
+  with pytest.raises(ValueError, match="initial sparsity"):
+    schedules.polynomial_keep_count(10, 0.6, 0.5, 0.0)
