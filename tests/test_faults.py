@@ -176,7 +176,9 @@ def _temporary_files(folder, name):
   return [f for f in os.listdir(folder) if f.startswith(name + ".") and f.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("existing", [False, True], ids=["new_file", "replacing"])
+@pytest.mark.parametrize(
+  "existing", [pytest.param(False, marks=pytest.mark.slow), True], ids=["new_file", "replacing"]
+)
 def test_sigkill_during_save_compressed_leaves_no_partial_file(tmp_path, existing):
   folder = tmp_path / "out"
   folder.mkdir()
