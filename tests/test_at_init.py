@@ -34,7 +34,7 @@ def _linear_apply(p, x):  # product of the kernels: every entry has the same syn
   return x
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
   shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
   sparsity=st.floats(0.0, 0.99),

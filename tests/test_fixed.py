@@ -25,7 +25,7 @@ def _random_masks(params, seed, as_float=False):
   return jax.tree.unflatten(treedef, masks)
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 1000), as_float=st.booleans())
 def test_masks_kept_exactly_through_training(seed, as_float):
   params, loss_fn = tiny_problem()

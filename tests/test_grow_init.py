@@ -33,7 +33,7 @@ def _leaf(tree):
   return np.asarray(tree["params"]["Dense_0"]["kernel"])
 
 
-@pytest.mark.parametrize("name", ["set", "rigl"])
+@pytest.mark.parametrize("name", [pytest.param("set", marks=pytest.mark.slow), "rigl"])
 def test_float_grow_init_values_and_zero_optimizer_state(name):
   algo, before, after, old, new, state = _one_update(name, 0.5)
   grown = _leaf(new) & ~_leaf(old)
@@ -47,6 +47,7 @@ def test_float_grow_init_values_and_zero_optimizer_state(name):
   assert np.all(_leaf(mu)[grown] == 0.0) and np.all(_leaf(nu)[grown] == 0.0)
 
 
+@pytest.mark.slow
 def test_random_grow_init_uses_std_of_active_weights():
   algo, before, after, old, new, _ = _one_update("set", "random", optax.sgd(1e-2))
   grown = _leaf(new) & ~_leaf(old)
@@ -56,6 +57,7 @@ def test_random_grow_init_uses_std_of_active_weights():
   assert np.all(_leaf(after)[grown] != 0.0)
 
 
+@pytest.mark.slow
 def test_zeros_grow_init_is_the_default():
   algo, before, after, old, new, _ = _one_update("rigl", None)
   grown = _leaf(new) & ~_leaf(old)

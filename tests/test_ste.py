@@ -49,7 +49,7 @@ def _train(algo, steps, lr=1e-2):
   return params, state, losses, changed
 
 
-@pytest.mark.parametrize("name", ["ste", "sr_ste"])
+@pytest.mark.parametrize("name", [pytest.param("ste", marks=pytest.mark.slow), "sr_ste"])
 def test_ste_nm_masks_exact_params_dense_masks_follow_magnitude(name):
   algo = jaxprune.create(name, sparsity_type="2:4", include="Dense_[01]/kernel")
   params, state, losses, changed = _train(algo, 25)
