@@ -142,7 +142,7 @@ def test_sparsegpt_singular_hessian_gets_more_damping():
 @settings(max_examples=3, deadline=None)
 @given(
   d_in=st.sampled_from([24, 136]),
-  d_out=st.sampled_from([1, 5]),
+  d_out=st.just(5),
   s=st.sampled_from([0.0, 0.3, 0.5, 0.9]),
   seed=st.integers(0, 100),
 )

@@ -105,16 +105,19 @@ def magnitude(
   """
   t = parse_target(sparsity, sparsity_type)
   _check_kernel(kernel, t, "magnitude")
-  return _magnitude(jnp.asarray(kernel, jnp.float32), t)
+  k = topk.keep_count(jnp.size(kernel), t.sparsity)
+  return _magnitude(jnp.asarray(kernel, jnp.float32), k, (t.n, t.m))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _magnitude(w, t: Target):
+# The kept counts k are computed in Python (the library's float64 rounding) and
+# passed traced, so one compilation serves every sparsity; only N:M is static.
+@functools.partial(jax.jit, static_argnums=2)
+def _magnitude(w, k, nm):
   score = jnp.abs(w)
-  if t.is_nm:
-    mask = structured.nm_mask_from_scores(score, t.n, t.m, axis=-2)
+  if nm[1]:
+    mask = structured.nm_mask_from_scores(score, nm[0], nm[1], axis=-2)
   else:
-    mask = topk.topk_mask(score, topk.keep_count(w.size, t.sparsity))
+    mask = topk.topk_mask(score, k)
   return jnp.where(mask, w, 0.0), mask
 
 
@@ -146,16 +149,18 @@ def wanda(
     raise ValueError(
       f"wanda: sq_norms has shape {jnp.shape(sq_norms)}, expected ({kernel.shape[0]},)"
     )
-  return _wanda(jnp.asarray(kernel, jnp.float32), jnp.asarray(sq_norms, jnp.float32), t)
+  k = topk.keep_count(kernel.shape[0], t.sparsity)
+  w, sq = jnp.asarray(kernel, jnp.float32), jnp.asarray(sq_norms, jnp.float32)
+  return _wanda(w, sq, k, (t.n, t.m))
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _wanda(w, sq_norms, t: Target):
+@functools.partial(jax.jit, static_argnums=3)
+def _wanda(w, sq_norms, k, nm):
   score = jnp.abs(w) * jnp.sqrt(jnp.maximum(sq_norms, 0.0))[:, None]
-  if t.is_nm:
-    mask = structured.nm_mask_from_scores(score, t.n, t.m, axis=-2)
+  if nm[1]:
+    mask = structured.nm_mask_from_scores(score, nm[0], nm[1], axis=-2)
   else:
-    mask = _column_topk(score, topk.keep_count(w.shape[0], t.sparsity))
+    mask = _column_topk(score, k)
   return jnp.where(mask, w, 0.0), mask
 
 
@@ -224,8 +229,18 @@ def sparsegpt(
     raise ValueError(f"sparsegpt: blocksize={blocksize} must be >= 1 and a multiple of M")
   if damp < 0:
     raise ValueError(f"sparsegpt: damp must be >= 0, got {damp}")
+  d_out, bs = kernel.shape[1], int(blocksize)
+  rem = d_in - (-(-d_in // bs) - 1) * bs  # real rows of the last block
+  k_full = topk.keep_count(bs * d_out, t.sparsity)
+  k_last = topk.keep_count(rem * d_out, t.sparsity) + (bs - rem) * d_out  # padding kept
   w, mask, info = _sparsegpt(
-    jnp.asarray(kernel, jnp.float32), jnp.asarray(hessian, jnp.float32), t, int(blocksize), damp
+    jnp.asarray(kernel, jnp.float32),
+    jnp.asarray(hessian, jnp.float32),
+    k_full,
+    k_last,
+    (t.n, t.m),
+    bs,
+    float(damp),
   )
   return (w, mask, info) if return_info else (w, mask)
 
@@ -258,8 +273,9 @@ def _inverse_upper_cholesky(h, damp: float):
   return u, lam, k > 0
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _sparsegpt(w, h, t: Target, blocksize: int, damp: float):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _sparsegpt(w, h, k_full, k_last, nm, blocksize: int, damp: float):
+  t = Target(0.0, *nm)
   d_in, d_out = w.shape
   dead = jnp.diag(h) == 0
   h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
@@ -286,9 +302,7 @@ def _sparsegpt(w, h, t: Target, blocksize: int, damp: float):
     if t.is_nm:
       keep1 = jnp.zeros(w1.shape, bool)
     else:
-      n_real = jnp.sum(real1) * d_out
-      k = n_real - jnp.floor(t.sparsity * n_real.astype(jnp.float32)).astype(jnp.int32)
-      k = k + (B * d_out - n_real)
+      k = jnp.where(b == nb - 1, k_last, k_full)
       tmp = jnp.where(real1[:, None], w1**2 / (du**2)[:, None], jnp.inf)
       keep1 = topk.topk_mask(tmp, k)
 
