@@ -36,7 +36,10 @@ Counts follow the library-wide rounding rule: a layer with ``G`` blocks or units
 at sparsity ``s`` keeps ``G - floor(s * G)`` of them (:func:`jaxprune.topk.keep_count`).
 Ties are broken deterministically: among equal scores, the lower index wins
 (within an N:M group, the lower position; among blocks, the lower row-major tile
-index; among units, the lower unit index). NaN scores rank lowest.
+index; among units, the lower unit index). A NaN score ranks below every real
+score (a tile or unit holding one, below every real tile or unit), but above
+-inf, which excludes an entry (its tile or unit): pruning by ``masked_magnitude``
+scores never brings back a pruned entry ahead of an active NaN weight.
 
 Every mask-producing function here is jit-able: shapes are static, and the
 ``sparsity`` of block and neuron masks may be a traced scalar.
@@ -229,10 +232,31 @@ def incompatibility(
 # Selection primitives (jit-able).
 
 
+_LOWEST = float(np.finfo(np.float32).min)  # rank of a NaN: below every other finite score
+
+
 def _rank_key(scores: jax.Array) -> jax.Array:
-  """float32 scores with NaN -> -inf and -0.0 -> +0.0 (ties then compare equal)."""
+  """float32 scores with NaN -> the lowest finite float32 (below every real
+  score, above the -inf that excludes entries) and -0.0 -> +0.0 (ties then
+  compare equal)."""
   x = jnp.asarray(scores, jnp.float32)
-  return jnp.where(jnp.isnan(x), -jnp.inf, x) + 0.0
+  return jnp.where(jnp.isnan(x), _LOWEST, x) + 0.0
+
+
+def _group_key(x: jax.Array, reduce, any_) -> jax.Array:
+  """Ranking key of groups of scores (tiles, units): ``reduce`` over the group.
+
+  A group holding a -inf score (an excluded entry, as ``masked_magnitude``
+  marks pruned ones) is -inf; else a group holding a NaN (or the lowest finite
+  float32, a NaN already ranked by :func:`_rank_key`) ranks just above, at the
+  lowest finite float32, so it never outranks a real group nor ties with an
+  excluded one.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  low = jnp.isnan(x) | (x == _LOWEST)
+  excluded = x == -jnp.inf
+  value = reduce(jnp.where(low | excluded, 0.0, x))
+  return jnp.where(any_(excluded), -jnp.inf, jnp.where(any_(low), _LOWEST, value))
 
 
 def _count_to_keep(n_groups: int, sparsity) -> jax.Array | int:
@@ -344,7 +368,7 @@ def _block_impl(scores, k, block):
   shape = scores.shape
   rows, cols = math.prod(shape[:-1]), shape[-1]
   x = jnp.asarray(scores, jnp.float32).reshape(rows // r, r, cols // c, c)
-  tile = jnp.sum(x, axis=(1, 3))
+  tile = _group_key(x, lambda y: jnp.sum(y, axis=(1, 3)), lambda y: jnp.any(y, axis=(1, 3)))
   keep = _keep_highest(tile, k)
   full = jnp.broadcast_to(keep[:, None, :, None], (rows // r, r, cols // c, c))
   return full.reshape(shape)
@@ -381,7 +405,12 @@ def unit_mask_from_scores(scores: jax.Array, sparsity, axis: int = -1, *, keep=N
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _unit_impl(scores, k, ax):
-  norms = unit_norms(scores, ax)
+  other = tuple(i for i in range(scores.ndim) if i != ax)
+  norms = _group_key(
+    scores,
+    lambda y: jnp.sqrt(jnp.sum(jnp.square(y), axis=other)),
+    lambda y: jnp.any(y, axis=other),
+  )
   keep = _keep_highest(norms, k)
   shape = [1] * scores.ndim
   shape[ax] = scores.shape[ax]

@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import config as config_lib
 from jaxprune import schedules, structured, topk, training_cost
@@ -19,15 +20,23 @@ from jaxprune.rounding import floor_product
 DEFAULTS = dict(distribution="uniform", update_every=100)
 
 
+_LOWEST = float(np.finfo(np.float32).min)
+
+
 def masked_magnitude(params, masks):
-  """``|w|`` where the mask is True, -inf where it is False."""
-  return jax.tree.map(
-    lambda p, m: (
-      jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf) if is_pruned_mask(m) else jnp.abs(p)
-    ),
-    params,
-    masks,
-  )
+  """``|w|`` where the mask is True, -inf where it is False.
+
+  A NaN weight at an active entry scores the lowest finite float32: below every
+  real magnitude, above the pruned entries, so a pruned entry never comes back
+  ahead of it (top-k ranks NaN below -inf).
+  """
+
+  def leaf(p, m):
+    a = jnp.abs(p).astype(jnp.float32)
+    a = jnp.where(jnp.isnan(a), _LOWEST, a)
+    return jnp.where(m, a, -jnp.inf) if is_pruned_mask(m) else a
+
+  return jax.tree.map(leaf, params, masks)
 
 
 def magnitude(**config) -> base.Algorithm:
