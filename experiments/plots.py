@@ -6,6 +6,8 @@
 - `layer_sparsity(rows, algorithm, path)`: the measured sparsity of each pruned
   layer at every target sparsity for one algorithm (shows how uniform and ERK
   distributions differ).
+- `accuracy_vs_training_flops(rows, path)`: test accuracy against training
+  FLOPs relative to dense training (`training_flops` of `experiments.train`).
 
 `rows` are the result dicts of `experiments.train` (as in `results.jsonl`).
 """
@@ -99,6 +101,55 @@ def layer_sparsity(rows: Sequence[dict], algorithm: str, path: str) -> str:
   ax.set_title(f"{algorithm}: sparsity per layer")
   ax.grid(True, axis="y", alpha=0.3)
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def accuracy_vs_training_flops(rows: Sequence[dict], path: str, title: str = "") -> str:
+  """Writes test accuracy against training FLOPs to `path`; returns `path`.
+
+  FLOPs are each run's `training_flops` over the dense runs' (the shortest
+  dense schedule among `rows`; absolute FLOPs without a dense run), so a 3x
+  schedule lands to the right of its 1x run, as in Evci et al. (2020, Fig. 2).
+  One series per algorithm and length (`steps`), one marker per target
+  sparsity (mean ± std over seeds). Rows without `training_flops` are skipped.
+  """
+  rows = [r for r in rows if r.get("training_flops") is not None]
+  dense = [r for r in rows if r["algorithm"] == DENSE]
+  shortest = min((r["steps"] for r in dense), default=None)
+  reference = np.mean([r["training_flops"] for r in dense if r["steps"] == shortest] or [1.0])
+  lengths = collections.defaultdict(set)
+  for r in rows:
+    lengths[r["algorithm"]].add(r.get("steps"))
+  series = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in rows:
+    name = r["algorithm"]
+    if len(lengths[name]) > 1:
+      name = f"{name}, {r.get('steps')} steps"
+    point = series[name][r["target_sparsity"]]
+    point.append((r["training_flops"] / reference, 100.0 * r["test_accuracy"]))
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+  for name in sorted(series):
+    xs, ys, errs, labels = [], [], [], []
+    for target, points in sorted(series[name].items(), key=lambda kv: kv[0] or 0.0):
+      values = np.asarray(points)
+      xs.append(values[:, 0].mean())
+      ys.append(values[:, 1].mean())
+      errs.append(values[:, 1].std(ddof=1) if len(values) > 1 else 0.0)
+      labels.append("" if target is None else f"{target:g}")
+    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+    for x, y, label in zip(xs, ys, labels):
+      ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  ax.set_xscale("log")
+  unit = f"dense training, {shortest} steps" if dense else "FLOPs"
+  ax.set_xlabel(f"training FLOPs (x {unit})")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title or "Test accuracy vs training FLOPs (labels: target sparsity)")
+  ax.grid(True, which="both", alpha=0.3)
+  if series:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

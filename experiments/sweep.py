@@ -17,7 +17,11 @@ Afterwards `--results_dir` (default: `--workdir`) gets
 - `results.jsonl`: one result object per run (see `experiments.train`);
 - `results.md`: test accuracy, mean ± std over seeds, per algorithm x
   sparsity, with dense as the reference row, and the dataset the runs read;
-- `accuracy_vs_sparsity.png` and `layer_sparsity_<algorithm>.png`.
+- `accuracy_vs_sparsity.png` and `layer_sparsity_<algorithm>.png`;
+- below the accuracy table, a table with both FLOPs ratios of every algorithm x
+  sparsity x length (`inference_flops_ratio`, `training_flops_ratio`; results
+  written before runs recorded them get them from their per-layer sparsity,
+  `experiments.accounting`), and `accuracy_vs_training_flops.png`.
 
 Recipe applied to every run (later `--set KEY=VALUE` flags override it):
 gradual_magnitude prunes from 10% to 75% of `steps` (Zhu & Gupta's cubic
@@ -216,6 +220,61 @@ def markdown_table(
   return "\n".join(lines)
 
 
+def with_flops(result: dict, config) -> dict:
+  """`result` with the FLOPs fields of `experiments.accounting`; a result
+  written before runs recorded them gets them from its per-layer sparsity."""
+  from experiments import accounting
+
+  if all(k in result for k in accounting.FIELDS):
+    return result
+  return {**result, **accounting.from_result(result, config)}
+
+
+def flops_table(
+  rows: Sequence[dict],
+  algorithms: Sequence[str] | None = None,
+  sparsities: Sequence[float] | None = None,
+) -> str:
+  """Test accuracy (%) with both FLOPs ratios, one line per algorithm x target
+  sparsity x length (`steps`): mean ± std (n seeds), the mean
+  `inference_flops_ratio` (final masks) and `training_flops_ratio` (the run
+  over dense training of the same length); "–" where runs did not record them.
+  """
+  groups = collections.defaultdict(list)
+  for r in rows:
+    target = None if r["algorithm"] == DENSE else r["target_sparsity"]
+    groups[(r["algorithm"], target, r.get("steps"))].append(r)
+  if algorithms is None:
+    algorithms = sorted({a for (a, _, _) in groups}, key=lambda a: (a != DENSE, a))
+  order = {a: i for i, a in enumerate(algorithms)}
+  wanted = lambda s: s is None or sparsities is None or any(abs(s - x) < 1e-9 for x in sparsities)
+  keys = sorted(
+    (k for k in groups if k[0] in order and wanted(k[1])),
+    key=lambda k: (order[k[0]], k[1] or 0.0, k[2] or 0),
+  )
+
+  def mean(group, key):
+    values = [r[key] for r in group if r.get(key) is not None]
+    return f"{sum(values) / len(values):.3f}" if values else "–"
+
+  lines = [
+    "| algorithm | sparsity | steps | test accuracy (%) | inference FLOPs (x dense) "
+    "| training FLOPs (x dense) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for algo, target, steps in keys:
+    group = groups[(algo, target, steps)]
+    acc = [100.0 * r["test_accuracy"] for r in group]
+    m = sum(acc) / len(acc)
+    sd = math.sqrt(sum((a - m) ** 2 for a in acc) / (len(acc) - 1)) if len(acc) > 1 else 0.0
+    sparsity = "–" if target is None else f"{target:g}"
+    lines.append(
+      f"| {algo} | {sparsity} | {steps} | {m:.2f} ± {sd:.2f} ({len(acc)}) "
+      f"| {mean(group, 'inference_flops_ratio')} | {mean(group, 'training_flops_ratio')} |"
+    )
+  return "\n".join(lines)
+
+
 def write_outputs(
   rows: Sequence[dict],
   results_dir: str,
@@ -245,7 +304,12 @@ def write_outputs(
     f.write(f"Test accuracy (%), mean ± std over seeds (n runs): {title}\n\n")
     f.write(f"Dataset: {dataset}\n\n")
     f.write(table + "\n")
+    f.write("\nWith both FLOPs ratios (one line per length):\n\n")
+    f.write(flops_table(rows, algorithms, sparsities) + "\n")
   plots.accuracy_vs_sparsity(rows, paths["accuracy_plot"], title=title)
+  paths["flops_plot"] = plots.accuracy_vs_training_flops(
+    rows, os.path.join(results_dir, "accuracy_vs_training_flops.png"), title=title
+  )
   for algo in algorithms:
     if algo != DENSE and any(r["algorithm"] == algo for r in rows):
       paths[f"layer_plot_{algo}"] = plots.layer_sparsity(
@@ -396,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed.append((spec.name, f"{type(e).__name__}: {e}"))
         print(f"[sweep] {i}/{len(runs)} {spec.name}: FAILED {type(e).__name__}: {e}", flush=True)
         continue
-    rows.append({**result, "target_sparsity": spec.sparsity})
+    rows.append({**with_flops(result, config), "target_sparsity": spec.sparsity})
     print(
       f"[sweep] {i}/{len(runs)} {spec.name}: test accuracy {result['test_accuracy']:.4f}, "
       f"sparsity {result['sparsity']:.4f} ({status})",

@@ -51,7 +51,10 @@ What a run does:
   last line printed, one JSON object: `test_accuracy`, `test_loss`, `sparsity`,
   `overall_sparsity`, `steps`, `devices`, `wall_s`, `algorithm`, `seed`,
   `dataset` (the data actually read: "digits" when Fashion-MNIST fell back to
-  them), ... (also written to `<workdir>/result.json`).
+  them), ... (also written to `<workdir>/result.json`), with the FLOPs figures
+  of `experiments.accounting`: `inference_flops_ratio` (final masks),
+  `training_flops_ratio` (the run over dense training of the same length) and
+  the absolute counts.
 
 Sparsity is measured on the final params: `sparsity` is the fraction of exact
 zeros among the entries of the leaves the algorithm prunes (leaves with a
@@ -83,8 +86,8 @@ import numpy as np
 import optax
 
 import jaxprune
+from experiments import accounting, data, models
 from experiments import checkpoint as ckpt
-from experiments import data, models
 from experiments import sharding as shd
 from experiments.configs import common
 
@@ -752,6 +755,11 @@ def final_result(
     "wall_s": round(wall_s, 2),
     "workdir": os.path.abspath(config.workdir),
   }
+  result.update(
+    accounting.run_flops(
+      setup.model, setup.algorithm, config, params, to_host(state.batch_stats), masks
+    )
+  )
   return result, table
 
 

@@ -112,6 +112,31 @@ def test_plots_write_png_files(tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_flops_table_and_plot_keep_lengths_apart(tmp_path):
+  flops = lambda r, inference, training, steps: {
+    **r,
+    "steps": steps,
+    "inference_flops_ratio": inference,
+    "training_flops_ratio": training,
+    "training_flops": training * steps,
+  }
+  rows = [
+    flops(row("dense", None, 0, 0.88), 1.0, 1.0, 100),
+    flops(row("rigl", 0.9, 0, 0.86), 0.12, 0.13, 100),
+    flops(row("rigl", 0.9, 1, 0.84), 0.12, 0.15, 100),
+    flops(row("rigl", 0.9, 0, 0.87), 0.12, 0.125, 300),
+    row("set", 0.9, 0, 0.85),  # No FLOPs recorded.
+  ]
+  lines = sweep.flops_table(rows, ["dense", "set", "rigl"], [0.9]).splitlines()
+  assert lines[2] == "| dense | – | 100 | 88.00 ± 0.00 (1) | 1.000 | 1.000 |"
+  assert "| set | 0.9 | None | 85.00 ± 0.00 (1) | – | – |" in lines
+  assert "| rigl | 0.9 | 100 | 85.00 ± 1.41 (2) | 0.120 | 0.140 |" in lines
+  assert "| rigl | 0.9 | 300 | 87.00 ± 0.00 (1) | 0.120 | 0.125 |" in lines
+  path = plots.accuracy_vs_training_flops(rows, str(tmp_path / "flops.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):  # noqa: F811
   workdir, results = str(tmp_path / "sweep"), str(tmp_path / "results")
   # TINY's settings after the recipe's, so RigL's programs are those of
@@ -143,6 +168,14 @@ def test_tiny_sweep_end_to_end_and_resumable(tmp_path, compile_cache, capsys):  
   assert "| dense (reference) |" in table and "| rigl |" in table and "(1)" in table
   for name in ("accuracy_vs_sparsity.png", "layer_sparsity_rigl.png"):
     assert os.path.getsize(os.path.join(results, name)) > 1000
+  # Both FLOPs ratios as columns, and the accuracy-vs-training-FLOPs plot.
+  assert "| inference FLOPs (x dense) | training FLOPs (x dense) |" in table
+  dense_line = next(line for line in table.splitlines() if line.startswith("| dense | – | 12 |"))
+  assert dense_line.endswith("| 1.000 | 1.000 |")
+  rigl = next(r for r in rows if r["algorithm"] == "rigl")
+  assert 0.0 < rigl["inference_flops_ratio"] < 0.3 and 0.0 < rigl["training_flops_ratio"] < 1.0
+  assert f"| {rigl['training_flops_ratio']:.3f} |" in table
+  assert os.path.getsize(os.path.join(results, "accuracy_vs_training_flops.png")) > 1000
   # Resumable: finished runs are skipped, not retrained.
   assert sweep.main(argv) == 0
   out = capsys.readouterr().out

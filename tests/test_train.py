@@ -165,6 +165,27 @@ def test_smoke_run_prints_table_then_json(smoke):
   assert os.path.exists(os.path.join(workdir, train.RESULT_FILE))
 
 
+def test_result_carries_inference_and_training_flops(smoke):
+  workdir, state, result, _ = smoke
+  masks = jax.device_get(jaxprune.get_masks(state.opt_state))
+  f_d = 2 * (784 * 32 + 32 * 10)  # One example through the 784-32-10 MLP.
+  f_s = 2 * sum(int(np.sum(m)) for m in jax.tree.leaves(masks) if np.ndim(m) == 2)
+  assert result["inference_flops_dense"] == f_d
+  assert result["inference_flops_sparse"] == pytest.approx(f_s)
+  assert result["inference_flops_ratio"] == pytest.approx(f_s / f_d)
+  # 40 steps of 32 examples, 3 f_S each, but a dense weight gradient (f_D
+  # instead of f_S) on RigL's update steps 10 and 20.
+  assert result["training_flops"] == pytest.approx(32 * (3 * f_s * 40 - 2 * f_s + 2 * f_d))
+  assert result["training_flops_dense"] == 32 * 3 * f_d * 40
+  assert result["training_flops_ratio"] == pytest.approx(
+    result["training_flops"] / result["training_flops_dense"]
+  )
+  with open(os.path.join(workdir, train.RESULT_FILE)) as f:
+    saved = json.load(f)
+  assert saved["inference_flops_ratio"] == pytest.approx(f_s / f_d)
+  assert saved["training_flops_ratio"] == pytest.approx(result["training_flops_ratio"])
+
+
 def test_params_are_zero_where_masked_and_masks_are_bool(smoke):
   _, state, _, _ = smoke
   masks = jaxprune.get_masks(state.opt_state)
