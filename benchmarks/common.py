@@ -49,8 +49,8 @@ def make_step(model, tx):
   return step
 
 
-def interleaved(fns: dict, rounds: int, reps: int = 1) -> dict:
-  """Runs each ``fn()`` in turn (A B A B ...) ``rounds`` times; returns median seconds.
+def interleaved_times(fns: dict, rounds: int, reps: int = 1) -> dict:
+  """Runs each ``fn()`` in turn (A B A B ...) ``rounds`` times; returns per-round seconds.
 
   Each fn runs ``reps`` times per timing and must block until its result is ready.
   """
@@ -64,4 +64,22 @@ def interleaved(fns: dict, rounds: int, reps: int = 1) -> dict:
       for _ in range(reps):
         fn()
       times[name].append((time.perf_counter() - t) / reps)
-  return {name: float(np.median(ts)) for name, ts in times.items()}
+  return {name: np.asarray(ts) for name, ts in times.items()}
+
+
+def interleaved(fns: dict, rounds: int, reps: int = 1) -> dict:
+  """Median seconds per ``fn`` of :func:`interleaved_times`."""
+  return {name: float(np.median(ts)) for name, ts in interleaved_times(fns, rounds, reps).items()}
+
+
+def paired_ratios(times: dict, base: str = "dense") -> dict:
+  """Per name, ``(median, 25th, 75th percentile)`` of the per-round ratio to ``base``.
+
+  Each round times every variant back to back, so a ratio within a round is
+  less exposed to load that drifts over the run than a ratio of medians.
+  """
+  out = {}
+  for name, ts in times.items():
+    r = ts / times[base]
+    out[name] = tuple(float(x) for x in (np.median(r), *np.percentile(r, [25, 75])))
+  return out

@@ -1,8 +1,9 @@
 """Cost of SET/RigL mask-update steps, relative to a dense training step.
 
 Flax MLP 784-1024-1024-10, batch 256, Adam, 90% sparsity (ERK). Dense steps
-and sparse steps are interleaved in one process; each figure is a median step
-time divided by the median dense step time. A mask-update step runs the exact
+and sparse steps are interleaved in one process; each figure is the median over
+rounds of the step time divided by the dense step time of the same round, with
+its interquartile range. A mask-update step runs the exact
 top-k selections (drop by magnitude, grow by |grad| or at random) for every
 layer, inside the jitted step.
 
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 
 import jax
+import numpy as np
 import optax
-from common import interleaved, make_step, setup
+from common import interleaved_times, make_step, paired_ratios, setup
 
 import jaxprune
 
@@ -57,13 +59,22 @@ def main():
 
     return fn
 
-  med = interleaved({name: run(name) for name in variants}, rounds=args.rounds)
-  for name, t in med.items():
-    print(f"{name:12s} median {t * 1e3:8.2f} ms   ratio to dense {t / med['dense']:.2f}")
-  print(f"SET mask-update step / dense step (median): {med['set_update'] / med['dense']:.2f}")
-  print(f"SET non-update step / dense step (median): {med['set_plain'] / med['dense']:.3f}")
-  print(f"RigL non-update step / dense step (median): {med['rigl_plain'] / med['dense']:.3f}")
-  print(f"RigL mask-update step / dense step (median): {med['rigl_update'] / med['dense']:.2f}")
+  times = interleaved_times({name: run(name) for name in variants}, rounds=args.rounds)
+  ratios = paired_ratios(times)
+  for name, ts in times.items():
+    med, lo, hi = ratios[name]
+    print(
+      f"{name:12s} median {np.median(ts) * 1e3:8.2f} ms   ratio to dense {med:.3f} [{lo:.3f}-{hi:.3f}]"
+    )
+
+  def line(what, name, digits):
+    med, lo, hi = ratios[name]
+    return f"{what} / dense step (median of paired ratios, IQR): {med:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+
+  print(line("SET mask-update step", "set_update", 2))
+  print(line("SET non-update step", "set_plain", 3))
+  print(line("RigL non-update step", "rigl_plain", 3))
+  print(line("RigL mask-update step", "rigl_update", 2))
 
 
 if __name__ == "__main__":

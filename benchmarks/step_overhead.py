@@ -3,8 +3,9 @@
 Flax MLP 784-1024-1024-10, batch 256, Adam, 90% sparsity. Three steps are
 timed interleaved in one process (A B C A B C ...): the dense step, the masked
 step of ``static`` (fixed masks) and a non-update step of ``gradual_magnitude``
-(mask updates under ``lax.cond``, not taken). Each figure is a median step time
-divided by the median dense step time. Also printed: the peak memory of one
+(mask updates under ``lax.cond``, not taken). Each figure is the median over
+rounds of the step time divided by the dense step time of the same round, with
+its interquartile range. Also printed: the peak memory of one
 step as XLA plans it (``compiled.memory_analysis()``: arguments, outputs and
 temporaries), dense vs sparse. The last line is the masked-step ratio.
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 import argparse
 
 import jax
+import numpy as np
 import optax
-from common import interleaved, make_step, setup
+from common import interleaved_times, make_step, paired_ratios, setup
 
 import jaxprune
 
@@ -65,14 +67,20 @@ def main():
 
     return fn
 
-  med = interleaved({name: run(name) for name in variants}, rounds=args.rounds, reps=3)
-  for name, t in med.items():
-    print(f"{name:8s} median {t * 1e3:8.2f} ms   ratio to dense {t / med['dense']:.3f}")
+  times = interleaved_times({name: run(name) for name in variants}, rounds=args.rounds, reps=3)
+  ratios = paired_ratios(times)
+  for name, ts in times.items():
+    med, lo, hi = ratios[name]
+    print(
+      f"{name:8s} median {np.median(ts) * 1e3:8.2f} ms   ratio to dense {med:.3f} [{lo:.3f}-{hi:.3f}]"
+    )
+  med, lo, hi = ratios["gradual"]
   print(
-    f"gradual_magnitude non-update step / dense step (median): {med['gradual'] / med['dense']:.3f}"
+    f"gradual_magnitude non-update step / dense step (median of paired ratios, IQR): {med:.3f} [{lo:.3f}-{hi:.3f}]"
   )
+  med, lo, hi = ratios["static"]
   print(
-    f"step overhead ratio (masked static step / dense, median): {med['static'] / med['dense']:.3f}"
+    f"step overhead ratio (masked static step / dense, median of paired ratios, IQR): {med:.3f} [{lo:.3f}-{hi:.3f}]"
   )
 
 
