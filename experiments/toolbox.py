@@ -48,8 +48,10 @@ def _split(argv):
       flags[key] = a.split("=", 1)[1]
     else:
       rest.append(a)
-  if flags["table"] not in ("at_init", "sr_ste", "dst"):
-    raise train.ConfigError(f"--table must be at_init, sr_ste or dst, got {flags['table']!r}")
+  if flags["table"] not in ("at_init", "sr_ste", "dst", "rescale"):
+    raise train.ConfigError(
+      f"--table must be at_init, sr_ste, dst or rescale, got {flags['table']!r}"
+    )
   return flags, rest
 
 
@@ -284,6 +286,41 @@ def table_dst(config, sparsities, seeds, say):
   return rows
 
 
+# ------------------------------------------------------------------ rescale_init
+
+
+def table_rescale(config, sparsities, seeds, say):
+  """Std of each Dense layer's output at init on 512 uniform inputs: dense,
+  masked (static masks) and masked + ``rescale_init``; no training."""
+  from experiments import data
+
+  rows = []
+  for seed in seeds:
+    setup, params, batch_stats = _model_init(_fresh(config, seed), seed)
+    x = jax.random.uniform(jax.random.PRNGKey(seed + 1), (512, *data.input_shape(config)))
+
+    def stds(p):
+      variables = {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}
+      _, st = setup.model.apply(
+        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+      )
+      inter = st["intermediates"]
+      return {
+        k: float(np.std(np.asarray(v["__call__"][0]))) for k, v in inter.items() if "Dense" in k
+      }
+
+    rows.append({"variant": "dense", "sparsity": 0.0, "seed": seed, "std": stds(params)})
+    for s in sparsities:
+      for dist in ("uniform", "erk"):
+        masks, _ = jaxprune.create("static", sparsity=s, distribution=dist, seed=seed).init(params)
+        sparse = jaxprune.apply_masks(params, masks)
+        for variant, p in (("masked", sparse), ("rescaled", jaxprune.rescale_init(sparse, masks))):
+          rows.append({"variant": f"{dist} {variant}", "sparsity": s, "seed": seed, "std": stds(p)})
+  for r in rows:
+    say(f"[toolbox] {r['variant']} s={r['sparsity']}: {r['std']}")
+  return rows
+
+
 # --------------------------------------------------------------------- reporting
 
 
@@ -293,6 +330,14 @@ def _mean_std(values):
 
 
 def markdown(table, rows) -> str:
+  if table == "rescale":
+    layers = list(rows[0]["std"])
+    lines = ["| sparsity | masks | " + " | ".join(f"std {k}" for k in layers) + " |"]
+    lines.append("|---|---" + "|---" * len(layers) + "|")
+    for r in rows:
+      cells = " | ".join(f"{r['std'][k]:.4f}" for k in layers)
+      lines.append(f"| {100 * r['sparsity']:g}% | {r['variant']} | {cells} |")
+    return "\n".join(lines)
   if table == "at_init":
     sparsities = sorted({r["sparsity"] for r in rows})
     lines = ["| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"]
@@ -398,7 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.check_config(config)
     seeds = [int(s) for s in flags["seeds"].split(",") if s]
     table = flags["table"]
-    default = {"at_init": "0.9,0.99,0.999", "dst": "0.95,0.98", "sr_ste": ""}[table]
+    default = {
+      "at_init": "0.9,0.99,0.999",
+      "dst": "0.95,0.98",
+      "sr_ste": "",
+      "rescale": "0.95,0.98",
+    }
+    default = default[table]
     sparsities = [float(s) for s in (flags["sparsities"] or default).split(",") if s]
     config = _fresh(config, config.seed)
     config.workdir = os.path.abspath(config.workdir)
@@ -406,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       rows = table_at_init(config, sparsities, seeds, say)
     elif table == "sr_ste":
       rows = table_sr_ste(config, seeds, say)
+    elif table == "rescale":
+      rows = table_rescale(config, sparsities, seeds, say)
     else:
       rows = table_dst(config, sparsities, seeds, say)
   except (train.ConfigError, ValueError) as e:
@@ -414,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   text = markdown(table, rows)
   say(text)
   summary = {"table": table, "config": config.name, "steps": int(config.steps), "rows": rows}
-  if flags["plot"]:
+  if flags["plot"] and table != "rescale":
     title = f"{config.name}: {table} ({int(config.steps)} steps)"
     if table == "at_init":
       summary["plot"] = plot_at_init(rows, flags["plot"], title)
