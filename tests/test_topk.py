@@ -126,3 +126,19 @@ def test_traced_sparsity_keeps_the_eager_count():
   traced = jax.jit(lambda p, s: jaxprune.magnitude_masks(p, {"w": s}))(w, 0.29)
   eager = jaxprune.magnitude_masks(w, {"w": float(np.float32(0.29))})
   assert int(np.sum(traced["w"])) == int(np.sum(eager["w"])) == 72
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 32), decimals=st.integers(0, 3))
+def test_topk_matches_stable_sort_for_every_k(seed, n, decimals):
+  # Rounded normal scores: distinct values and ties side by side, so every k meets
+  # both ends of the bisection (a prefix that separates exactly k, ties to break).
+  s = np.round(np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n,))), decimals)
+  s[:: max(1, n // 5)] = s[0]
+  s = s.astype(np.float32)
+  select = jax.jit(topk_mask)
+  order = np.lexsort((np.arange(n), -s))
+  for k in range(n + 1):
+    ref = np.zeros(n, bool)
+    ref[order[:k]] = True
+    np.testing.assert_array_equal(np.asarray(select(jnp.asarray(s), k)), ref)
