@@ -106,7 +106,7 @@ def test_erk_skips_zero_size_leaves():
   assert s["z"] == 0.0 and s["w"] == pytest.approx(0.5)
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(
   n=st.one_of(st.integers(1, 1000), st.integers(2**24, 2**31 - 1)),
   s_i=st.floats(0.0, 0.999),
