@@ -147,3 +147,15 @@ def test_run_figures_of_the_rigl_protocol_config():
   assert out["training_flops"] == pytest.approx(128 * (3 * f_s * 469 - 3 * f_s + 3 * f_d))
   assert out["training_flops_dense"] == 128 * 3 * f_d * 469
   assert out["training_flops_ratio"] == pytest.approx(out["training_flops"] / (128 * 3 * f_d * 469))
+
+
+def test_fan_in_stats_of_a_hand_mask():
+  from experiments.fan_in import fan_in_stats
+
+  mask = np.zeros((10, 4), bool)
+  mask[:, 0] = True  # a hub: 10 inputs
+  mask[:2, 1:] = True  # three units with 2 inputs each
+  s = fan_in_stats(mask)
+  assert (s["min"], s["median"], s["max"]) == (2, 2.0, 10)
+  assert s["top10_share"] == pytest.approx(10 / 16)
+  assert s["cv"] == pytest.approx(np.std([10, 2, 2, 2]) / 4.0)
