@@ -97,6 +97,14 @@ def test_straight_through_schedule_has_dense_gradients_every_step():
   assert out.dense_gradient_steps == 5
 
 
+@pytest.mark.parametrize("name", ["ste", "sr_ste"])
+def test_ste_and_sr_ste_pay_a_dense_weight_gradient_every_step(name):
+  algo = jaxprune.create(name, sparsity=0.5)
+  out = jaxprune.training_flops(algo, FORWARD, steps=4, batch_size=2)
+  assert out.sparse == pytest.approx(4 * 2 * (2 * F_S + F_D))
+  assert out.dense_gradient_steps == 4
+
+
 def test_default_field_is_constant_sparsity():
   algo = jaxprune.Algorithm("custom", {}, None, None, None)
   assert algo.flops_schedule is tf.constant_sparsity

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import schedules
+from jaxprune import schedules, training_cost
 from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask
 
@@ -61,7 +61,16 @@ def _build(name, cfg, grad_fn):
   def update(step, params, grads, masks, state):
     return _magnitude_masks(cfg, params), state
 
-  return base.Algorithm(name, cfg, init, _schedule(cfg), update, straight_through=grad_fn)
+  # Every weight of a straight-through net learns: the weight gradient is dense at every step.
+  return base.Algorithm(
+    name,
+    cfg,
+    init,
+    _schedule(cfg),
+    update,
+    straight_through=grad_fn,
+    flops_schedule=training_cost.always_dense_gradient(),
+  )
 
 
 def _identity(grads, params, masks):
