@@ -69,7 +69,9 @@ def in_memory(source: data.Source, limit: int | None = None) -> data.Source:
     images.append(np.stack([np.asarray(r["image"]) for r in records]))
     labels.append(np.asarray([r["label"] for r in records], np.int64))
   arrays = {"image": np.concatenate(images), "label": np.concatenate(labels)}
-  return data.Source(ArraySource(arrays), source.spec, source.split, f"{source.origin}, in memory")
+  return data.Source(
+    ArraySource(arrays), source.spec, source.split, f"{source.origin}, in memory", source.dataset
+  )
 
 
 # --------------------------------------------------------------- BatchNorm ties
@@ -345,7 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   assert bool(jnp.all(predict_small(restored, x_check) == predict_small(small_vars, x_check)))
 
   result = {
-    "dataset": args.dataset,
+    "dataset": train_source.dataset,  # the data actually read (digits when it fell back)
     "steps": args.steps,
     "sparsity": args.sparsity,
     "widths_before": widths_before,

@@ -78,3 +78,13 @@ def test_gradual_channel_pruning_never_revives_a_pruned_channel():
     assert not np.any(now & ~alive), "a pruned unit came back"
     alive = now
   assert alive.sum() == 2
+
+
+def test_in_memory_source_keeps_the_dataset_actually_read():
+  # Fashion-MNIST's spec with the digits fallback's records: results must say "digits".
+  fallback = compact_cnn.data.load("digits", "test")
+  source = compact_cnn.data.Source(
+    fallback.records, compact_cnn.data.get_spec("fashion_mnist"), "test", "fallback", "digits"
+  )
+  copy = compact_cnn.in_memory(source, limit=10)
+  assert copy.dataset == "digits" and len(copy) == 10
