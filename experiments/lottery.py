@@ -281,28 +281,15 @@ def table(rows) -> str:
 
 
 def plot(rows, path: str, title: str = "") -> str:
-  import matplotlib
+  from experiments import plots  # matplotlib with the Agg backend
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = plots.plt
   fig, ax = plt.subplots(figsize=(6, 4))
   for kind, style in zip(KINDS, ("o-", "s--", "^:")):
     pts = [(100 * r["remaining"], r[kind]) for r in rows if r[kind] is not None]
     if kind == "ticket" or pts:
       ax.plot(*zip(*pts), style, label=kind)
-  ax.set_xscale("log")
-  ax.invert_xaxis()
-  ax.set_xlabel("weights remaining (%)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plots.finish_remaining_weights_plot(fig, ax, path, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

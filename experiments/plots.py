@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from typing import Iterable, Sequence
 
 import matplotlib
@@ -24,6 +25,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 DENSE = "dense"
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+  """Lays out `fig`, writes it to `path` (creating its folder) and closes it."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
+def finish_remaining_weights_plot(fig, ax, path: str, title: str) -> str:
+  """Test accuracy against weights remaining (%, log scale, fewer to the right); saves."""
+  ax.set_xscale("log")
+  ax.invert_xaxis()
+  ax.set_xlabel("weights remaining (%)")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return save_figure(fig, path)
 
 
 def _accuracies(rows: Iterable[dict]) -> dict:

@@ -378,37 +378,22 @@ def markdown(table, rows) -> str:
 
 
 def plot_at_init(rows, path, title):
-  import matplotlib
+  from experiments import plots  # matplotlib with the Agg backend
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = plots.plt
   fig, ax = plt.subplots(figsize=(6, 4))
   for method in ("snip", "grasp", "synflow", "magnitude", "random"):
     sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
     xs = sorted({r["sparsity"] for r in sel})
     ys = [np.mean([r["test_accuracy"] for r in sel if r["sparsity"] == x]) for x in xs]
     ax.plot([100 * (1 - x) for x in xs], ys, "o-", label=method)
-  ax.set_xscale("log")
-  ax.invert_xaxis()
-  ax.set_xlabel("weights remaining (%)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plots.finish_remaining_weights_plot(fig, ax, path, title)
 
 
 def plot_bars(table, rows, path, title):
-  import matplotlib
+  from experiments import plots  # matplotlib with the Agg backend
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = plots.plt
   if table == "sr_ste":
     labels = list(dict.fromkeys(r["variant"] for r in rows))
     values = [np.mean([r["test_accuracy"] for r in rows if r["variant"] == v]) for v in labels]
@@ -427,11 +412,7 @@ def plot_bars(table, rows, path, title):
   ax.set_ylim(min(values) - 0.05, max(values) + 0.02)
   ax.set_ylabel("test accuracy")
   ax.set_title(title)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
