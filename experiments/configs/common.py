@@ -195,10 +195,15 @@ def cifar10_rigl_config(name: str, model: str) -> ml_collections.ConfigDict:
   c.dataset = "cifar10"
   c.num_classes = 10
   c.model = model
-
-  c.batch_size = 128
   c.eval_batch_size = 1000
   c.steps = CIFAR_STEPS
+  return apply_rigl_cifar_recipe(c)
+
+
+def apply_rigl_cifar_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets the recipe's optimisation and sparse-training keys (see above) on `c`;
+  its learning-rate boundaries and `end_step` follow `c.steps`."""
+  c.batch_size = 128
   c.optimizer = "sgd"
   c.momentum = 0.9
   c.nesterov = True

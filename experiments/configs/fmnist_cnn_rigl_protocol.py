@@ -13,7 +13,7 @@ Tickets Winners", ICML, CIFAR-10 setup, scaled to Fashion-MNIST on a CPU:
   steps (dT = 100), drop fraction 0.3 with cosine decay, updates ending at 75% of
   training and none afterwards.
 - Length: `steps` = 469 (one epoch of 60,000 images) is the base length, far
-  short of the paper's 250 epochs: the whole sweep of issue 11 (5 algorithms x 4
+  short of the paper's 250 epochs: the whole sweep (5 algorithms x 4
   sparsities x 3 seeds, plus SET and RigL at 3x) is ~120 base runs, which must
   fit a few hours of a small CPU machine. With dT = 100 and updates ending at
   75%, a base run makes only 3 mask updates (at steps 100, 200, 300) and a 3x run
@@ -22,40 +22,17 @@ Tickets Winners", ICML, CIFAR-10 setup, scaled to Fashion-MNIST on a CPU:
   Dense 128, Dense 10 (`experiments.models.CNN`).
 """
 
-from experiments.configs import common
+from experiments.configs import common, fmnist_cnn
 
 EPOCH_STEPS = 469  # ceil(60,000 / 128)
 
 
 def get_config():
-  c = common.base_config("fmnist_cnn_rigl_protocol")
-  c.dataset = "fashion_mnist"
-  c.num_classes = 10
-  c.model = "cnn"
-  c.model_kwargs.channels = (32, 64)
-  c.model_kwargs.hidden = 128
-
-  c.batch_size = 128
+  c = fmnist_cnn.get_config()  # Data and model.
+  c.name = "fmnist_cnn_rigl_protocol"
+  c.workdir = f"/tmp/jaxprune/{c.name}"
   c.steps = EPOCH_STEPS
-  c.optimizer = "sgd"
-  c.momentum = 0.9
-  c.nesterov = True
-  c.learning_rate = 0.1
-  c.warmup_steps = common.fraction_of_steps(c, 0.025)
-  c.lr_schedule = "step"
-  c.lr_decay_boundaries = common.CIFAR_LR_BOUNDARIES
-  c.lr_decay_factor = 0.2
-  c.weight_decay = 5e-4
-
-  c.eval_every = 2000  # And at the last step.
-  c.log_every = 100
-  c.checkpoint_every = 1000  # And at the last step.
-
-  c.algorithm = "rigl"
-  c.sparsity = 0.9
-  c.distribution = "erk"
+  common.apply_rigl_cifar_recipe(c)
   c.start_step = 0
-  c.end_step = common.fraction_of_steps(c, 0.75)
-  c.update_every = 100
-  c.drop_fraction = 0.3
+  c.warmup_steps = common.fraction_of_steps(c, 0.025)
   return c

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxprune import distributions, topk
 from jaxprune.masks import dense_mask
 from jaxprune.paths import path_str, pruned_leaves
-from jaxprune.training_cost import constant_sparsity
+from jaxprune.training_cost import constant_sparsity, pruned_on_updates
 
 
 class Algorithm(NamedTuple):
@@ -138,3 +138,17 @@ def all_true_init(cfg):
 def step_key(cfg, step):
   """Per-update randomness: ``fold_in(PRNGKey(seed), step)``."""
   return jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), step)
+
+
+def one_shot(name: str, cfg, update) -> Algorithm:
+  """An algorithm that starts from all-True masks and prunes once, at
+  ``start_step``, with ``update`` (its FLOPs: dense until then, final after)."""
+  at_start = lambda step: step == cfg["start_step"]
+  return Algorithm(
+    name,
+    cfg,
+    all_true_init(cfg),
+    at_start,
+    update,
+    flops_schedule=pruned_on_updates(at_start, lambda u, s: s),
+  )

@@ -51,15 +51,7 @@ def magnitude(**config) -> base.Algorithm:
     keep = base.keep_counts(cfg, params, sparsities)
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
-  at_start = lambda step: step == cfg["start_step"]
-  return base.Algorithm(
-    "magnitude",
-    cfg,
-    base.all_true_init(cfg),
-    at_start,
-    update,
-    flops_schedule=training_cost.pruned_on_updates(at_start, lambda u, s: s),
-  )
+  return base.one_shot("magnitude", cfg, update)
 
 
 def gradual_magnitude(**config) -> base.Algorithm:

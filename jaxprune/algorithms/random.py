@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import config as config_lib
-from jaxprune import training_cost
 from jaxprune.algorithms import base
 from jaxprune.masks import check_masks, dense_mask, random_scores
 from jaxprune.paths import path_str
@@ -30,15 +29,7 @@ def random(**config) -> base.Algorithm:
     new = _random_masks(cfg, params, step)
     return jax.tree.map(lambda n, m: n & m, new, masks), state
 
-  at_start = lambda step: step == cfg["start_step"]
-  return base.Algorithm(
-    "random",
-    cfg,
-    base.all_true_init(cfg),
-    at_start,
-    update,
-    flops_schedule=training_cost.pruned_on_updates(at_start, lambda u, s: s),
-  )
+  return base.one_shot("random", cfg, update)
 
 
 def static(**config) -> base.Algorithm:
