@@ -80,7 +80,7 @@ def sparsify(
   after every update (first step included, for every algorithm; see
   :func:`_inner_step` for the one condition on the inner transformation), and
   entries a mask update adds start at exactly 0.0 with zero state. Mask updates
-  run inside the jitted step under ``lax.cond`` on the algorithm's schedule; RigL-style
+  run inside the jitted step, in place, on the algorithm's schedule; RigL-style
   algorithms receive the dense gradients given to ``tx.update``. The
   straight-through family (``ste``, ``sr_ste``) is the exception: its
   parameters stay dense and only the forward pass is masked, through
@@ -115,47 +115,13 @@ def sparsify(
       )
       return new_updates, SparseState(count, state.masks, inner_state, state.algo_state)
 
-    # Only the mask update sits under lax.cond; the inner update runs outside it
-    # so that XLA fuses the masking with the inner update (a cond around the
-    # whole inner update measured ~8% slower on CPU). The update branch also
-    # returns ``stable = new & old``, the masks this step's inner update runs
-    # under: dropped entries go to 0.0 and regrown ones stay at 0.0 with zero
-    # state. A step without a mask update passes the masks through, so it pays
-    # for no mask arithmetic and no state reset beyond the masked update.
-    masks, stable, algo_state = lax.cond(
-      algorithm.is_update_step(state.count),
-      lambda _: _changed(
-        algorithm.update(state.count, params, updates, state.masks, state.algo_state),
-        state.masks,
-        params,
-      ),
-      lambda _: (state.masks, state.masks, state.algo_state),
-      None,
-    )
-    new_updates, inner_state = _inner_step(inner, updates, state.inner_state, params, stable, extra)
-    if algorithm.grow_values is not None:
-      new_updates = _grown(algorithm, state, params, masks, stable, new_updates)
+    masks, grads, algo_state, grown = _mask_update(algorithm, state, params, updates)
+    new_updates, inner_state = _inner_step(inner, grads, state.inner_state, params, masks, extra)
+    if grown is not None:
+      new_updates = jax.tree.map(_start_grown, new_updates, grown, masks)
     return new_updates, SparseState(count, masks, inner_state, algo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _grown(algorithm, state, params, masks, stable, updates):
-  """Entries added by this step's mask update (in ``masks``, not in ``stable``)
-  start at ``algorithm.grow_values``: they are exactly 0.0 before the step, so
-  their update is the value. Their inner state was reset with ``stable``."""
-
-  def grow(_):
-    values = algorithm.grow_values(state.count, params, state.masks)
-
-    def leaf(u, v, m, s):
-      if not is_pruned_mask(m):
-        return u
-      return jnp.where(m & ~s, jnp.asarray(v).astype(u.dtype), u)
-
-    return jax.tree.map(leaf, updates, values, masks, stable)
-
-  return lax.cond(algorithm.is_update_step(state.count), grow, lambda _: updates, None)
 
 
 def _straight_through_step(algorithm, inner, grads, state, params, count, extra):
@@ -177,14 +143,72 @@ def _straight_through_step(algorithm, inner, grads, state, params, count, extra)
   return updates, SparseState(count, masks, inner_state, algo_state)
 
 
-def _changed(masks_and_state, old_masks, params):
-  """``(new masks, new & old, algo_state)`` of a mask update, masks placed like params."""
-  masks, algo_state = masks_and_state
-  masks = place_like(params, masks)
-  stable = jax.tree.map(
-    lambda new, old: new & old if is_pruned_mask(new) else new, masks, old_masks
+def _mask_update(algorithm, state, params, grads):
+  """The mask update of a mask-changing algorithm, run only on its update steps.
+
+  Returns ``(masks, grads, algo_state, grown)``. On an update step ``masks``
+  are the new masks and ``grads`` are zero where a connection was just added
+  (``new & ~old``): such an entry is 0.0 with zero inner state before the step
+  (it was pruned), and with a zero gradient the inner update leaves it at 0.0
+  with zero state, while dropped entries are zeroed by the new masks. ``grown``
+  is None, or with ``algorithm.grow_values``, a tree of the values that grown
+  entries start at (0.0 elsewhere).
+
+  The update runs in a ``while_loop`` of zero or one trip rather than under
+  ``lax.cond``: a loop updates its carry (masks, gradients, algorithm state) in
+  place, so a step without a mask update copies nothing, and the inner update's
+  fusions read the masks as they would for ``static``. A ``cond`` must copy the
+  masks it passes through, and made every non-update step pay for it. The work
+  sits in a ``cond`` inside the loop body so that XLA cannot hoist
+  loop-invariant parts of it (random bits, ``|w|``) out of the loop onto every
+  step.
+  """
+  trips = algorithm.is_update_step(state.count).astype(jnp.int32)
+  grown = None
+  if algorithm.grow_values is not None:
+    grown = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+
+  def update(carry):
+    masks, grads, algo_state, grown = carry
+    new, algo_state = algorithm.update(state.count, params, grads, masks, algo_state)
+    new = place_like(params, new)
+    added = jax.tree.map(lambda n, o: n & ~o if is_pruned_mask(n) else n, new, masks)
+    grads = jax.tree.map(
+      lambda g, a, n: jnp.where(a, jnp.zeros((), g.dtype), g) if is_pruned_mask(n) else g,
+      grads,
+      added,
+      new,
+    )
+    if grown is not None:
+      values = algorithm.grow_values(state.count, params, masks)
+      grown = jax.tree.map(
+        lambda v, a, n, z: jnp.where(a, jnp.asarray(v, z.dtype), z) if is_pruned_mask(n) else z,
+        values,
+        added,
+        new,
+        grown,
+      )
+    return new, grads, algo_state, grown
+
+  def body(loop):
+    i, carry = loop
+    return i + 1, lax.cond(i == 0, update, lambda c: c, carry)
+
+  _, (masks, grads, algo_state, grown) = lax.while_loop(
+    lambda loop: loop[0] < trips,
+    body,
+    (jnp.int32(0), (state.masks, grads, state.algo_state, grown)),
   )
-  return masks, stable, algo_state
+  return masks, grads, algo_state, grown
+
+
+def _start_grown(u, v, m):
+  """Entries added by this step's mask update start at ``v``: they are 0.0
+  before the step, so their update is the value; elsewhere ``v`` is 0.0. A
+  grown entry whose value is 0.0 gets the update of a zero gradient, 0.0."""
+  if not is_pruned_mask(m):
+    return u
+  return jnp.where(v != 0, v.astype(u.dtype), u)
 
 
 def _sparse_states(opt_state):

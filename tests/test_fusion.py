@@ -38,7 +38,7 @@ def _kernel_writes(hlo, shape):
       continue
     name, dtype, d, op, rest = m.groups()
     shapes[name] = (dtype, d)
-    if dtype != "f32" or d != dims or op in ("parameter", "bitcast", "copy"):
+    if dtype != "f32" or d != dims or op in ("parameter", "bitcast", "copy", "get-tuple-element"):
       continue
     args = re.findall(r"%[\w.\-]+", rest.split(")", 1)[0])
     kinds = [shapes.get(a, ("?", ""))[0] for a in args if shapes.get(a, ("", ""))[1] == dims]
@@ -83,3 +83,36 @@ def test_masked_adam_step_adds_no_pass_over_float_arrays(algorithm):
     # Same instructions, reading the same float arrays; masks only add bool operands.
     assert [(op, f32) for op, f32, _ in s] == [(op, f32) for op, f32, _ in d], (shape, d, s)
     assert 0 < sum(pred for _, _, pred in s) <= len(s), (shape, s)
+
+
+def _kernel_copies(hlo, shape):
+  """Entry-computation ``copy`` instructions writing an array of ``shape``, any dtype."""
+  dims = ",".join(map(str, shape))
+  return [
+    m.group(2)
+    for m in map(_DEF.match, _entry(hlo))
+    if m and m.group(3) == dims and m.group(4) == "copy"
+  ]
+
+
+@pytest.mark.parametrize("name", ["set", "rigl", "gradual_magnitude"])
+def test_non_update_step_copies_no_more_than_static(name):
+  """The mask update of a mask-changing algorithm runs in place (a loop of zero
+  or one trip): a step without a mask update copies no more kernel-shaped
+  arrays than a ``static`` step, never a float array (gradients, params), and
+  passes none through an entry-level ``conditional`` (whose identity branch
+  would copy it on every step)."""
+  kw = dict(sparsity=0.9, distribution="uniform")
+  static = _compiled_step(jaxprune.sparsify(optax.adam(1e-3), jaxprune.create("static", **kw)))
+  if name == "gradual_magnitude":
+    kw.update(initial_sparsity=0.0, start_step=10**8, end_step=10**9, update_every=10**8)
+  else:
+    kw.update(update_every=10**8, end_step=10**9)
+  sparse = _compiled_step(jaxprune.sparsify(optax.adam(1e-3), jaxprune.create(name, **kw)))
+  for shape in SHAPES.values():
+    s, d = _kernel_copies(sparse, shape), _kernel_copies(static, shape)
+    assert "f32" not in s, (shape, s)
+    assert len(s) <= len(d), (shape, s, d)
+    dims = ",".join(map(str, shape))
+    conds = [line for line in _entry(sparse) if " conditional(" in line]
+    assert not [c for c in conds if f"[{dims}]" in c.split(" conditional(")[0]], (shape, conds)
