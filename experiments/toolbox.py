@@ -14,7 +14,7 @@ Tables:
 - ``sr_ste``: SR-STE 2:4 from scratch (Zhou et al. 2021) against dense training
   and gradual 2:4 magnitude pruning (the cubic ramp 4:4 -> 3:4 -> 2:4).
 - ``dst``: SET and RigL with today's defaults against ``grow_init="random"``,
-  ``drop_schedule="constant"`` and both plus ``jaxprune.rescale_init``.
+  ``drop_schedule="constant"``, ``jaxprune.rescale_init`` alone, and all three.
 
 Every run is an `experiments.train` run (checkpointed, resumable, finished runs
 skipped on a rerun) under ``config.workdir``. Prints a table and ends with one
@@ -254,6 +254,7 @@ def table_dst(config, sparsities, seeds, say):
   common = dict(update_every=100, end_step=int(0.75 * steps), drop_fraction=0.3)
   variants = {
     "default": dict(),
+    "default+rescale": dict(),
     "random+constant": dict(grow_init="random", drop_schedule="constant"),
     "random+constant+rescale": dict(grow_init="random", drop_schedule="constant"),
   }
