@@ -161,7 +161,9 @@ def _mask_update(algorithm, state, params, grads):
   masks it passes through, and made every non-update step pay for it. The work
   sits in a ``cond`` inside the loop body so that XLA cannot hoist
   loop-invariant parts of it (random bits, ``|w|``) out of the loop onto every
-  step.
+  step. A ``while_loop`` has no reverse-mode derivative: ``tx.update`` of a
+  mask-changing algorithm cannot be differentiated through (forward-mode and
+  ``vmap`` work).
   """
   trips = algorithm.is_update_step(state.count).astype(jnp.int32)
   grown = None
