@@ -5,6 +5,8 @@
     python -m experiments.toolbox --table=sr_ste --config=experiments/configs/fmnist_cnn.py
     python -m experiments.toolbox --table=dst --config=experiments/configs/fmnist_mlp.py \\
         [--sparsities=0.95,0.98]
+    python -m experiments.toolbox --table=regrowth --config=experiments/configs/fmnist_mlp.py \\
+        [--sparsities=0.98] --config.steps=10000
 
 Tables:
 - ``at_init``: SNIP, GraSP, SynFlow, global magnitude at init and uniform random
@@ -15,6 +17,10 @@ Tables:
   and gradual 2:4 magnitude pruning (the cubic ramp 4:4 -> 3:4 -> 2:4).
 - ``dst``: SET and RigL with today's defaults against ``grow_init="random"``,
   ``drop_schedule="constant"``, ``jaxprune.rescale_init`` alone, and all three.
+- ``regrowth``: the regrown weights' starting value (``grow_init`` zeros, the
+  active weights' std, or the fixed std ``REGROWTH_STD``) crossed with the drop
+  schedule, for SET and RigL, with the median active ``|w|`` per layer at the
+  end: the ablation behind the ``"random"`` ratchet in long runs.
 
 Every run is an `experiments.train` run (checkpointed, resumable, finished runs
 skipped on a rerun) under ``config.workdir``. Prints a table and ends with one
@@ -38,6 +44,10 @@ import jaxprune
 from experiments import lottery, train
 
 FLAGS = {"table": "", "sparsities": "", "seeds": "0", "plot": ""}
+TABLES = ("at_init", "sr_ste", "dst", "regrowth", "rescale")
+# The fixed standard deviation of the ``regrowth`` table's float ``grow_init``:
+# within LeNet-300-100's LeCun-normal init stds (0.036, 0.058, 0.100).
+REGROWTH_STD = 0.05
 
 
 def _split(argv):
@@ -48,10 +58,8 @@ def _split(argv):
       flags[key] = a.split("=", 1)[1]
     else:
       rest.append(a)
-  if flags["table"] not in ("at_init", "sr_ste", "dst", "rescale"):
-    raise train.ConfigError(
-      f"--table must be at_init, sr_ste, dst or rescale, got {flags['table']!r}"
-    )
+  if flags["table"] not in TABLES:
+    raise train.ConfigError(f"--table must be one of {', '.join(TABLES)}, got {flags['table']!r}")
   return flags, rest
 
 
@@ -287,6 +295,57 @@ def table_dst(config, sparsities, seeds, say):
   return rows
 
 
+def median_active_magnitude(params) -> dict:
+  """Median ``|w|`` over the nonzero entries of each kernel (``ndim >= 2``), by path."""
+  out = {}
+  for path, w in jax.tree_util.tree_leaves_with_path(params):
+    w = np.abs(np.asarray(w, np.float32))
+    if w.ndim >= 2:
+      active = w[w != 0]
+      out[jax.tree_util.keystr(path, simple=True, separator="/")] = (
+        float(np.median(active)) if active.size else 0.0
+      )
+  return out
+
+
+def table_regrowth(config, sparsities, seeds, say):
+  rows = []
+  steps = int(config.steps)
+  common = dict(update_every=100, end_step=int(0.75 * steps), drop_fraction=0.3)
+  for seed in seeds:
+    c = _fresh(config, seed)
+    setup, params, _ = _model_init(c, seed)
+    for s in sparsities:
+      for name in ("set", "rigl"):
+        for grow in ("zeros", "random", REGROWTH_STD):
+          for schedule in ("cosine", "constant"):
+            label = grow if isinstance(grow, str) else f"float{grow:g}"
+            folder = os.path.join(config.workdir, f"{name}_{label}_{schedule}_s{s}_seed{seed}")
+
+            def run():
+              algo = jaxprune.create(
+                name, sparsity=s, seed=seed, grow_init=grow, drop_schedule=schedule, **common
+              )
+              final, result = lottery.run_with(_fresh(c, seed), folder, algo, params)
+              return {
+                "algorithm": name,
+                "grow_init": grow,
+                "drop_schedule": schedule,
+                "sparsity": s,
+                "seed": seed,
+                "test_accuracy": result["test_accuracy"],
+                "median_active_abs_w": median_active_magnitude(final),
+              }
+
+            row = _cached(folder, run)
+            say(
+              f"[toolbox] {name} grow_init={grow} {schedule} s={s} seed={seed}: "
+              f"{row['test_accuracy']:.4f}"
+            )
+            rows.append(row)
+  return rows
+
+
 # ------------------------------------------------------------------ rescale_init
 
 
@@ -357,6 +416,19 @@ def markdown(table, rows) -> str:
         )
       lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+  if table == "regrowth":
+    layers = list(rows[0]["median_active_abs_w"])
+    head = "| algorithm | grow_init | drop_schedule | sparsity | test accuracy | "
+    lines = [head + " | ".join(f"median active \\|w\\| {k}" for k in layers) + " |"]
+    lines.append("|---|---|---|---|---" + "|---" * len(layers) + "|")
+    cell = lambda r: (r["algorithm"], r["grow_init"], r["drop_schedule"], r["sparsity"])
+    for key in dict.fromkeys(cell(r) for r in rows):
+      sel = [r for r in rows if cell(r) == key]
+      med = [np.mean([r["median_active_abs_w"][k] for r in sel]) for k in layers]
+      cells = [_mean_std([r["test_accuracy"] for r in sel])] + [f"{m:.3g}" for m in med]
+      name, grow, schedule, s = key
+      lines.append(f"| {name} | {grow} | {schedule} | {100 * s:g}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
   if table == "sr_ste":
     lines = ["| variant | test accuracy | exact 2:4 |", "|---|---|---|"]
     for v in dict.fromkeys(r["variant"] for r in rows):
@@ -399,11 +471,12 @@ def plot_bars(table, rows, path, title):
     labels = list(dict.fromkeys(r["variant"] for r in rows))
     values = [np.mean([r["test_accuracy"] for r in rows if r["variant"] == v]) for v in labels]
   else:
-    keys = list(dict.fromkeys((r["algorithm"], r["variant"], r["sparsity"]) for r in rows))
+    variant = lambda r: r.get("variant") or f"{r['grow_init']} {r['drop_schedule']}"
+    keys = list(dict.fromkeys((r["algorithm"], variant(r), r["sparsity"]) for r in rows))
     labels = [f"{a} {v}\n{100 * s:g}%" for a, v, s in keys]
     values = [
       np.mean(
-        [r["test_accuracy"] for r in rows if (r["algorithm"], r["variant"], r["sparsity"]) == k]
+        [r["test_accuracy"] for r in rows if (r["algorithm"], variant(r), r["sparsity"]) == k]
       )
       for k in keys
     ]
@@ -428,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = {
       "at_init": "0.9,0.99,0.999",
       "dst": "0.95,0.98",
+      "regrowth": "0.98",
       "sr_ste": "",
       "rescale": "0.95,0.98",
     }
@@ -441,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       rows = table_sr_ste(config, seeds, say)
     elif table == "rescale":
       rows = table_rescale(config, sparsities, seeds, say)
+    elif table == "regrowth":
+      rows = table_regrowth(config, sparsities, seeds, say)
     else:
       rows = table_dst(config, sparsities, seeds, say)
   except (train.ConfigError, ValueError) as e:

@@ -35,3 +35,31 @@ def test_markdown_tables():
   rows = [{"variant": "dense", "seed": 0, "test_accuracy": 0.8}]
   rows.append({"variant": "sr_ste_2:4", "seed": 0, "test_accuracy": 0.7, "nm_exact": True})
   assert "| sr_ste_2:4 | 0.7000 | yes |" in toolbox.markdown("sr_ste", rows)
+
+
+def test_regrowth_table_and_median_active_magnitude():
+  params = {"Dense_0": {"kernel": jnp.array([[0.0, -3.0], [1.0, 0.0]]), "bias": jnp.ones(2)}}
+  assert toolbox.median_active_magnitude(params) == {"Dense_0/kernel": 2.0}
+  assert toolbox.median_active_magnitude({"k": jnp.zeros((2, 2))}) == {"k": 0.0}
+  rows = [
+    {
+      "algorithm": "set",
+      "grow_init": grow,
+      "drop_schedule": "constant",
+      "sparsity": 0.98,
+      "seed": seed,
+      "test_accuracy": acc,
+      "median_active_abs_w": {"Dense_0/kernel": med},
+    }
+    for grow, seed, acc, med in (
+      ("random", 0, 0.1, 100.0),
+      ("random", 1, 0.3, 50.0),
+      (0.05, 0, 0.8, 0.3),
+    )
+  ]
+  text = toolbox.markdown("regrowth", rows).splitlines()
+  assert text[0].startswith("| algorithm | grow_init | drop_schedule | sparsity | test accuracy |")
+  assert text[2] == "| set | random | constant | 98% | 0.2000 ± 0.1000 | 75 |"
+  assert text[3] == "| set | 0.05 | constant | 98% | 0.8000 | 0.3 |"
+  flags, _ = toolbox._split(["toolbox", "--table=regrowth"])
+  assert flags["table"] == "regrowth"
