@@ -15,12 +15,13 @@ regrown in the same update, and the drop fraction follows RigL's cosine decay
 default) or stays at ``d`` (``"constant"``, the SET paper's fixed zeta).
 Regrown weights start at ``grow_init``: exactly 0.0 (``"zeros"``, the default),
 normal with the standard deviation of the leaf's active weights before the
-update (``"random"``, as SET and RigL's ``random_normal``), or normal with a
+update (``"random"``, as in SET; RigL's ``random_normal`` takes the std of the
+whole weight variable, whose masked entries keep stale values), or normal with a
 given float standard deviation. Either way their inner-optimizer state restarts
 at zero (:func:`jaxprune.sparsify`). Over many updates ``"random"`` ratchets the
 weight scale up: the drop keeps the largest draws, and the next draws use the
 larger standard deviation (measured in RESULTS.md); a float ``grow_init`` is a
-fixed scale.
+fixed scale and does not ratchet.
 
 Non-finite scores never win: a NaN weight ranks below every finite active
 weight for keeping, and NaN or inf gradients rank below every finite gradient
