@@ -256,45 +256,6 @@ def _nm_exact(masks) -> bool:
 # ------------------------------------------------------------------- SET / RigL
 
 
-def table_dst(config, sparsities, seeds, say):
-  rows = []
-  steps = int(config.steps)
-  common = dict(update_every=100, end_step=int(0.75 * steps), drop_fraction=0.3)
-  variants = {
-    "default": dict(),
-    "default+rescale": dict(),
-    "random+constant": dict(grow_init="random", drop_schedule="constant"),
-    "random+constant+rescale": dict(grow_init="random", drop_schedule="constant"),
-  }
-  for seed in seeds:
-    c = _fresh(config, seed)
-    setup, params, _ = _model_init(c, seed)
-    for s in sparsities:
-      for name in ("set", "rigl"):
-        for variant, extra in variants.items():
-          folder = os.path.join(config.workdir, f"{name}_{variant}_s{s}_seed{seed}")
-
-          def run():
-            algo = jaxprune.create(name, sparsity=s, seed=seed, **common, **extra)
-            start = params
-            if "rescale" in variant:
-              masks, _ = algo.init(params)
-              start = jaxprune.rescale_init(params, masks)
-            _, result = lottery.run_with(_fresh(c, seed), folder, algo, start)
-            return {
-              "algorithm": name,
-              "variant": variant,
-              "sparsity": s,
-              "seed": seed,
-              "test_accuracy": result["test_accuracy"],
-            }
-
-          row = _cached(folder, run)
-          say(f"[toolbox] {name} {variant} s={s} seed={seed}: {row['test_accuracy']:.4f}")
-          rows.append(row)
-  return rows
-
-
 def median_active_magnitude(params) -> dict:
   """Median ``|w|`` over the nonzero entries of each kernel (``ndim >= 2``), by path."""
   out = {}
@@ -308,42 +269,63 @@ def median_active_magnitude(params) -> dict:
   return out
 
 
-def table_regrowth(config, sparsities, seeds, say):
+def _dst_grid(config, sparsities, seeds, say, variants):
+  """SET and RigL runs (ΔT = 100, drop fraction 0.3, updates end at 75%) for
+  each ``label -> (create kwargs, rescale_init?, row fields)`` of ``variants``."""
   rows = []
-  steps = int(config.steps)
-  common = dict(update_every=100, end_step=int(0.75 * steps), drop_fraction=0.3)
+  common = dict(update_every=100, end_step=int(0.75 * int(config.steps)), drop_fraction=0.3)
   for seed in seeds:
     c = _fresh(config, seed)
     setup, params, _ = _model_init(c, seed)
     for s in sparsities:
       for name in ("set", "rigl"):
-        for grow in ("zeros", "random", REGROWTH_STD):
-          for schedule in ("cosine", "constant"):
-            label = grow if isinstance(grow, str) else f"float{grow:g}"
-            folder = os.path.join(config.workdir, f"{name}_{label}_{schedule}_s{s}_seed{seed}")
+        for label, (extra, rescale, fields) in variants.items():
+          folder = os.path.join(config.workdir, f"{name}_{label}_s{s}_seed{seed}")
 
-            def run():
-              algo = jaxprune.create(
-                name, sparsity=s, seed=seed, grow_init=grow, drop_schedule=schedule, **common
-              )
-              final, result = lottery.run_with(_fresh(c, seed), folder, algo, params)
-              return {
-                "algorithm": name,
-                "grow_init": grow,
-                "drop_schedule": schedule,
-                "sparsity": s,
-                "seed": seed,
-                "test_accuracy": result["test_accuracy"],
-                "median_active_abs_w": median_active_magnitude(final),
-              }
+          def run():
+            algo = jaxprune.create(name, sparsity=s, seed=seed, **common, **extra)
+            start = params
+            if rescale:
+              masks, _ = algo.init(params)
+              start = jaxprune.rescale_init(params, masks)
+            final, result = lottery.run_with(_fresh(c, seed), folder, algo, start)
+            return {
+              "algorithm": name,
+              **fields,
+              "sparsity": s,
+              "seed": seed,
+              "test_accuracy": result["test_accuracy"],
+              "median_active_abs_w": median_active_magnitude(final),
+            }
 
-            row = _cached(folder, run)
-            say(
-              f"[toolbox] {name} grow_init={grow} {schedule} s={s} seed={seed}: "
-              f"{row['test_accuracy']:.4f}"
-            )
-            rows.append(row)
+          row = _cached(folder, run)
+          say(f"[toolbox] {name} {label} s={s} seed={seed}: {row['test_accuracy']:.4f}")
+          rows.append(row)
   return rows
+
+
+def table_dst(config, sparsities, seeds, say):
+  random_constant = dict(grow_init="random", drop_schedule="constant")
+  variants = {
+    v: (extra, "rescale" in v, {"variant": v})
+    for v, extra in (
+      ("default", {}),
+      ("default+rescale", {}),
+      ("random+constant", random_constant),
+      ("random+constant+rescale", random_constant),
+    )
+  }
+  return _dst_grid(config, sparsities, seeds, say, variants)
+
+
+def table_regrowth(config, sparsities, seeds, say):
+  variants = {}
+  for grow in ("zeros", "random", REGROWTH_STD):
+    for schedule in ("cosine", "constant"):
+      label = grow if isinstance(grow, str) else f"float{grow:g}"
+      extra = dict(grow_init=grow, drop_schedule=schedule)
+      variants[f"{label}_{schedule}"] = (extra, False, extra)
+  return _dst_grid(config, sparsities, seeds, say, variants)
 
 
 # ------------------------------------------------------------------ rescale_init
