@@ -42,9 +42,17 @@ import optax
 
 import jaxprune
 from experiments import lottery, train
+from jaxprune.paths import path_str
 
 FLAGS = {"table": "", "sparsities": "", "seeds": "0", "plot": ""}
-TABLES = ("at_init", "sr_ste", "dst", "regrowth", "rescale")
+# Each table and its default ``--sparsities``.
+TABLES = {
+  "at_init": "0.9,0.99,0.999",
+  "sr_ste": "",
+  "dst": "0.95,0.98",
+  "regrowth": "0.98",
+  "rescale": "0.95,0.98",
+}
 # The fixed standard deviation of the ``regrowth`` table's float ``grow_init``:
 # within LeNet-300-100's LeCun-normal init stds (0.036, 0.058, 0.100).
 REGROWTH_STD = 0.05
@@ -263,9 +271,7 @@ def median_active_magnitude(params) -> dict:
     w = np.abs(np.asarray(w, np.float32))
     if w.ndim >= 2:
       active = w[w != 0]
-      out[jax.tree_util.keystr(path, simple=True, separator="/")] = (
-        float(np.median(active)) if active.size else 0.0
-      )
+      out[path_str(path)] = float(np.median(active)) if active.size else 0.0
   return out
 
 
@@ -276,7 +282,7 @@ def _dst_grid(config, sparsities, seeds, say, variants):
   common = dict(update_every=100, end_step=int(0.75 * int(config.steps)), drop_fraction=0.3)
   for seed in seeds:
     c = _fresh(config, seed)
-    setup, params, _ = _model_init(c, seed)
+    _, params, _ = _model_init(c, seed)
     for s in sparsities:
       for name in ("set", "rigl"):
         for label, (extra, rescale, fields) in variants.items():
@@ -480,15 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.check_config(config)
     seeds = [int(s) for s in flags["seeds"].split(",") if s]
     table = flags["table"]
-    default = {
-      "at_init": "0.9,0.99,0.999",
-      "dst": "0.95,0.98",
-      "regrowth": "0.98",
-      "sr_ste": "",
-      "rescale": "0.95,0.98",
-    }
-    default = default[table]
-    sparsities = [float(s) for s in (flags["sparsities"] or default).split(",") if s]
+    sparsities = [float(s) for s in (flags["sparsities"] or TABLES[table]).split(",") if s]
     config = _fresh(config, config.seed)
     config.workdir = os.path.abspath(config.workdir)
     if table == "at_init":
