@@ -4,7 +4,8 @@ Masks are pytrees alongside params; ``sparsify`` wraps any optax optimizer so
 that a jitted training step keeps the parameters sparse.
 """
 
-from jaxprune import oneshot
+# Submodules reached as attributes after ``import jaxprune`` (``jaxprune.compact.compact``, ...).
+from jaxprune import compact, export, oneshot, regularizers, schedules, structured
 from jaxprune.algorithms import REGISTRY, Algorithm, create, register
 from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
 from jaxprune.algorithms.ste import straight_through
@@ -30,8 +31,10 @@ __all__ = [
   "TrainingFlops",
   "apply_masks",
   "check_masks",
+  "compact",
   "create",
   "erk",
+  "export",
   "flops",
   "get_masks",
   "get_sparse_state",
@@ -42,10 +45,13 @@ __all__ = [
   "path_str",
   "random_masks",
   "register",
+  "regularizers",
   "rescale_init",
+  "schedules",
   "snip_masks",
   "sparsify",
   "straight_through",
+  "structured",
   "summary",
   "synflow_masks",
   "topk_mask",

@@ -68,7 +68,7 @@ def _compiled_step(tx):
   "algorithm",
   [
     dict(name="static", sparsity=0.9),
-    # Non-update steps of a mask-changing algorithm: the update sits in a cond.
+    # Non-update steps of a mask-changing algorithm: the update is a while_loop of zero trips.
     dict(name="rigl", sparsity=0.9, update_every=10**8, end_step=10**9),
   ],
   ids=["static", "rigl_non_update"],

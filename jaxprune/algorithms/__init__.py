@@ -34,7 +34,10 @@ def register(name: str, factory: Callable[..., Algorithm]) -> None:
 
 
 def create(name: str, **config) -> Algorithm:
-  """Builds the algorithm ``name`` from config keys (see DESIGN.md's contract).
+  """Builds the algorithm ``name`` from config keys.
+
+  The names and their common keys are listed in the training-time sparsity
+  guide (``docs/training.md``) and the API reference.
 
   Raises ValueError for an unknown name (listing the valid ones), unknown
   config keys and out-of-range values, each naming the key.
