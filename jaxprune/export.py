@@ -132,7 +132,8 @@ def nm_compress(w, n: int, m: int, axis: int = -2, mask=None):
 
   Args:
     w: array whose ``axis`` length is divisible by ``m``.
-    n, m: the pattern (``1 <= n <= m <= 256``).
+    n: kept entries per group (``1 <= n <= m``).
+    m: the group size (``m <= 256``).
     axis: the grouping axis (default -2: axis 0 of Dense ``(in, out)`` kernels, the
       input-channel axis of Conv ``(H, W, in, out)`` kernels), as in :mod:`jaxprune.structured`.
     mask: optional bool array of ``w``'s shape.

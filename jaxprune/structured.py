@@ -297,7 +297,8 @@ def nm_mask_from_scores(scores: jax.Array, n: int, m: int, axis: int = -2) -> ja
 
   Args:
     scores: float array; ``scores.shape[axis]`` must be divisible by ``m``.
-    n, m: Python ints with ``0 <= n <= m``.
+    n: kept entries per group, a Python int with ``0 <= n <= m``.
+    m: the group size, a Python int.
     axis: the grouping axis (default -2, the input axis of Flax kernels).
 
   Returns:

@@ -26,6 +26,8 @@ REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "set": set_,
   "rigl": rigl,
 }
+"""Algorithm factories by name: what ``create(name, **config)`` looks up; extend with
+``register``."""
 
 
 def register(name: str, factory: Callable[..., Algorithm]) -> None:

@@ -27,6 +27,7 @@ from jaxprune.paths import path_str
 __all__ = ["METHODS", "prune_kernel", "prune_params", "prune_sequential", "prune_single_pass"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+"""The ``method`` names the drivers accept, one per solver."""
 
 
 def prune_kernel(
@@ -125,7 +126,8 @@ def prune_sequential(
     blocks: the blocks' params, in order.
     inputs: calibration inputs of the first block (a list of batches).
     method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
-    sparsity / sparsity_type: the target of every pruned kernel.
+    sparsity: the target sparsity of every pruned kernel (unstructured).
+    sparsity_type: ``"N:M"`` such as ``"2:4"``, instead of ``sparsity``.
     include: ``include(kernel_path) -> bool`` (paths relative to a block,
       e.g. ``"mlp/up_proj/kernel"``); default: every Dense/DenseGeneral/Einsum kernel.
     progress: called as ``progress(i, n_blocks, seconds)`` after each block.

@@ -138,7 +138,8 @@ def wanda(
   Args:
     kernel: ``(in, out)`` kernel.
     sq_norms: ``(in,)`` sums of squared inputs, ``sum_t x_ti**2``.
-    sparsity / sparsity_type: the target (see :func:`parse_target`).
+    sparsity: the target sparsity (see :func:`parse_target`).
+    sparsity_type: ``"N:M"`` such as ``"2:4"``, instead of ``sparsity``.
 
   Returns:
     ``(new_kernel, mask)``.
@@ -212,7 +213,8 @@ def sparsegpt(
   Args:
     kernel: ``(in, out)`` kernel.
     hessian: ``(in, in)`` matrix ``2/n X^T X``.
-    sparsity / sparsity_type: the target.
+    sparsity: the target sparsity.
+    sparsity_type: ``"N:M"`` such as ``"2:4"``, instead of ``sparsity``.
     blocksize: column block size (the paper's 128); a multiple of ``M`` for N:M.
     damp: relative dampening (the paper's 0.01).
     return_info: also return a :class:`SparseGPTInfo`.
