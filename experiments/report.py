@@ -1,0 +1,363 @@
+"""Regenerates the result tables of ``docs/results/*.md`` from the data in ``results/``.
+
+A page marks each generated table with two lines::
+
+  <!-- generated: NAME -->
+  | ... the table ... |
+  <!-- /generated -->
+
+and ``python -m experiments.report`` rewrites the text between them with
+``TABLES[NAME]()``, computed from the JSON the experiment scripts wrote
+(``experiments.sweep``, ``experiments.toolbox``, ``experiments.lottery``).
+``python -m experiments.report --check`` changes nothing and exits 1 naming
+every stale table (the test suite runs it). Tables with no data under
+``results/`` are written by hand on the pages, outside such markers.
+
+Conventions: sweep tables are in percent with the sample standard deviation
+over seeds (as ``experiments.sweep`` writes them); toolbox and lottery tables
+are fractions with the population standard deviation (``numpy.std``), as
+``experiments.toolbox`` prints them. The best mean of a column is in bold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
+PAGES = os.path.join(ROOT, "docs", "results")
+REGION = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
+
+
+@functools.lru_cache(maxsize=None)
+def _json(name: str):
+  with open(os.path.join(RESULTS, name)) as f:
+    return json.load(f)
+
+
+def _jsonl(name: str) -> list[dict]:
+  with open(os.path.join(RESULTS, name)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _mean_std(values) -> tuple[float, float]:
+  v = np.asarray(values, float)
+  return float(v.mean()), float(v.std())
+
+
+def _cell(values) -> str:
+  mean, std = _mean_std(values)
+  return f"{mean:.4f}" + (f" ± {std:.4f}" if len(values) > 1 else "")
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _bold_best(rows: list[list[str]], means: list[list[float | None]], first: int) -> None:
+  """Puts the best mean of every column from ``first`` on in bold, in place."""
+  for j in range(first, len(rows[0])):
+    col = [m[j] for m in means if m[j] is not None]
+    if not col:
+      continue
+    best = max(col)
+    for row, m in zip(rows, means):
+      if m[j] is not None and m[j] == best:
+        row[j] = f"**{row[j].split(' (')[0]}**" + (
+          " (" + row[j].split(" (", 1)[1] if " (" in row[j] else ""
+        )
+
+
+def _pct(s: float) -> str:
+  return f"{100 * s:g}%"
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def with_inferred_dataset(rows: list[dict]) -> list[dict]:
+  """Rows that predate the ``dataset`` field, given ``fashion_mnist`` where that is provable.
+
+  Fashion-MNIST has 10,000 test images and the digits fallback 297: every
+  accuracy of a Fashion-MNIST run is a multiple of 1/10,000, and (being
+  none of 1/297) not a digits result. Anything else raises.
+  """
+  out = []
+  for r in rows:
+    if "dataset" not in r:
+      hits = r["test_accuracy"] * 10_000
+      if abs(hits - round(hits)) > 1e-6 or abs(r["test_accuracy"] * 297 % 1) < 1e-6:
+        raise ValueError(f"{r.get('workdir')}: no dataset recorded, and none can be inferred")
+      r = {**r, "dataset": "fashion_mnist"}
+    out.append(r)
+  return out
+
+
+def sweep_accuracy(path: str, algorithms: Sequence[str] | None = None) -> str:
+  from experiments import sweep
+
+  rows = with_inferred_dataset(_jsonl(path))
+  return sweep.markdown_table(
+    rows, algorithms, sorted({r["target_sparsity"] for r in rows} - {None})
+  )
+
+
+def sweep_flops(path: str, algorithms: Sequence[str] | None = None) -> str:
+  from experiments import sweep
+
+  return sweep.flops_table(with_inferred_dataset(_jsonl(path)), algorithms)
+
+
+LENET_ORDER = ("dense", "gradual_magnitude", "static", "set", "rigl")
+PROTOCOL = "rigl_protocol/results.jsonl"
+PROTOCOL_ORDER = (
+  "dense",
+  "static",
+  "static_uniform",
+  "set",
+  "set_uniform",
+  "rigl",
+  "rigl_uniform",
+  "gradual_magnitude",
+  "set_3x",
+  "rigl_3x",
+)
+
+# ----------------------------------------------------------------- toolbox
+
+AT_INIT_METHODS = ("snip", "grasp", "synflow", "magnitude", "random")
+AT_INIT_NAMES = {"magnitude": "magnitude (global, at init)", "random": "random (uniform per layer)"}
+
+
+def at_init(name: str) -> str:
+  rows = _json(name)["rows"]
+  sparsities = sorted({r["sparsity"] for r in rows})
+  out, means = [], []
+  for method in AT_INIT_METHODS:
+    row, mrow = [AT_INIT_NAMES.get(method, method)], [None]
+    for s in sparsities:
+      sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
+      acc = [r["test_accuracy"] for r in sel]
+      text = _cell(acc)
+      collapsed = [r for r in sel if r["collapsed"]]
+      if collapsed:
+        empty = sorted({layer.split("/")[0] for r in collapsed for layer in r["empty_layers"]})
+        why = f": {', '.join(empty)} empty" if empty else ": no path, no layer empty"
+        text += f" (collapsed {len(collapsed)}/{len(sel)}{why})"
+      row.append(text)
+      mrow.append(_mean_std(acc)[0])
+    out.append(row)
+    means.append(mrow)
+  _bold_best(out, means, 1)
+  return _table(["method"] + [_pct(s) for s in sparsities], out)
+
+
+DST_VARIANTS = {
+  "default": "default (zeros, cosine)",
+  "default+rescale": "default + rescale_init",
+  "random+constant": "grow_init=random, drop_schedule=constant",
+  "random+constant+rescale": "random + constant + rescale_init",
+}
+
+
+def dst_options(name: str) -> str:
+  rows = _json(name)["rows"]
+  sparsities = sorted({r["sparsity"] for r in rows})
+  table = []
+  for algorithm in ("set", "rigl"):
+    out, means = [], []
+    for variant, label in DST_VARIANTS.items():
+      row, mrow = [algorithm, label], [None, None]
+      for s in sparsities:
+        acc = [
+          r["test_accuracy"]
+          for r in rows
+          if (r["algorithm"], r["variant"], r["sparsity"]) == (algorithm, variant, s)
+        ]
+        row.append(_cell(acc) if acc else "-")
+        mrow.append(_mean_std(acc)[0] if acc else None)
+      out.append(row)
+      means.append(mrow)
+    _bold_best(out, means, 2)
+    table += out
+  return _table(["algorithm", "variant"] + [_pct(s) for s in sparsities], table)
+
+
+def regrowth(name: str) -> str:
+  rows = _json(name)["rows"]
+  layers = list(rows[0]["median_active_abs_w"])
+  table = []
+  for algorithm in ("set", "rigl"):
+    keys = dict.fromkeys(
+      (r["grow_init"], r["drop_schedule"]) for r in rows if r["algorithm"] == algorithm
+    )
+    out, means = [], []
+    for grow, schedule in keys:
+      sel = [
+        r
+        for r in rows
+        if (r["algorithm"], r["grow_init"], r["drop_schedule"]) == (algorithm, grow, schedule)
+      ]
+      acc = [r["test_accuracy"] for r in sel]
+      med = [np.mean([r["median_active_abs_w"][k] for r in sel]) for k in layers]
+      out.append([algorithm, str(grow), schedule, _cell(acc)] + [f"{m:.3g}" for m in med])
+      means.append([None, None, None, _mean_std(acc)[0]] + [None] * len(layers))
+    _bold_best(out, means, 3)
+    table += out
+  head = ["algorithm", "grow_init", "drop_schedule", "test accuracy"]
+  head += [f"median active \\|w\\| {k.split('/')[0]}" for k in layers]
+  return _table(head, table)
+
+
+SR_STE_VARIANTS = {
+  "dense": "dense",
+  "gradual_2:4": "gradual 2:4 (cubic ramp 4:4 -> 3:4 -> 2:4)",
+  "sr_ste_2:4": "sr_ste 2:4 (decay 2e-4, masks every step)",
+  "ste_2:4": "ste 2:4 (no decay)",
+}
+
+
+def sr_ste(name: str) -> str:
+  rows = _json(name)["rows"]
+  out, means = [], []
+  for variant in dict.fromkeys(r["variant"] for r in rows):
+    sel = [r for r in rows if r["variant"] == variant]
+    acc = [r["test_accuracy"] for r in sel]
+    flags = [r.get("nm_exact") for r in sel]
+    exact = "yes" if all(f is True for f in flags) else "no" if False in flags else "not recorded"
+    exact = "-" if variant == "dense" else exact
+    out.append([SR_STE_VARIANTS.get(variant, variant), _cell(acc), exact])
+    means.append([None, _mean_std(acc)[0], None])
+  _bold_best(out, means, 1)
+  return _table(["variant", "test accuracy", "masks exactly 2:4 along the input axis"], out)
+
+
+def rescale(name: str) -> str:
+  rows = _json(name)["rows"]
+  layers = list(rows[0]["std"])
+  out = []
+  for r in rows:
+    masks, _, how = r["variant"].partition(" ")
+    label = "dense" if masks == "dense" else f"{masks if masks == 'uniform' else 'ERK'}, "
+    label += {"masked": "masked", "rescaled": "rescale_init"}.get(how, "")
+    out.append([_pct(r["sparsity"]), label] + [f"{r['std'][k]:.4f}" for k in layers])
+  names = [f"std {k}" + (" (logits)" if k == layers[-1] else "") for k in layers]
+  return _table(["sparsity", "masks"] + names, out)
+
+
+# ----------------------------------------------------------------- lottery
+
+
+def _remaining(x: float) -> str:
+  return f"{100 * x:.3g}%"
+
+
+def lottery_seeds(name: str) -> str:
+  runs = _json(name)["runs"]
+  out, means = [], []
+  for i, row in enumerate(runs[0]["rows"]):
+    cells, mrow = [str(row["round"]), _remaining(row["remaining"])], [None, None]
+    for kind in ("ticket", "reinit", "random"):
+      values = [run["rows"][i][kind] for run in runs]
+      if values[0] is None:
+        cells.append("-")
+        mrow.append(None)
+        continue
+      cells.append(_cell(values) + (" (dense)" if i == 0 else ""))
+      mrow.append(_mean_std(values)[0])
+    out.append(cells)
+    means.append(mrow)
+  for row, m in zip(out[1:], means[1:]):  # the best of the three, per round
+    best = max(v for v in m[2:] if v is not None)
+    for j in range(2, 5):
+      if m[j] == best:
+        row[j] = f"**{row[j]}**"
+  return _table(["round", "remaining", "ticket", "reinit", "random mask"], out)
+
+
+def lottery_single(name: str) -> str:
+  data = _json(name)
+  out = []
+  for row in data["rows"]:
+    values = [row[k] for k in ("ticket", "reinit", "random")]
+    cells = ["-" if v is None else f"{v:.4f}" for v in values]
+    if row["round"] == 0:
+      cells[0] += " (dense)"
+    else:
+      best = max(values)
+      cells = [f"**{c}**" if v == best else c for c, v in zip(cells, values)]
+    out.append([str(row["round"]), _remaining(row["remaining"])] + cells)
+  return _table(["round", "remaining", "ticket", "reinit", "random mask"], out)
+
+
+# ------------------------------------------------------------------ tables
+
+TABLES: dict[str, Callable[[], str]] = {
+  "lenet-sweep": lambda: sweep_accuracy("results.jsonl", LENET_ORDER),
+  "protocol-accuracy": lambda: sweep_accuracy(PROTOCOL, PROTOCOL_ORDER),
+  "protocol-flops": lambda: sweep_flops(PROTOCOL, PROTOCOL_ORDER),
+  "at-init-mlp": lambda: at_init("toolbox_at_init_fmnist_mlp.json"),
+  "at-init-mlp-3000": lambda: at_init("toolbox_at_init_fmnist_mlp_3000.json"),
+  "at-init-cnn": lambda: at_init("toolbox_at_init_fmnist_cnn.json"),
+  "lottery-3seeds": lambda: lottery_seeds("lottery_fmnist_mlp_3seeds.json"),
+  "lottery-p02": lambda: lottery_single("lottery_p02_fmnist_mlp.json"),
+  "rescale": lambda: rescale("toolbox_rescale_fmnist_mlp.json"),
+  "dst-options": lambda: dst_options("toolbox_dst_options_fmnist_mlp.json"),
+  "dst-options-3000": lambda: dst_options("toolbox_dst_options_fmnist_mlp_3000.json"),
+  "dst-options-long": lambda: dst_options("toolbox_dst_options_long_fmnist_mlp.json"),
+  "regrowth": lambda: regrowth("toolbox_regrowth_fmnist_mlp.json"),
+  "sr-ste-mlp": lambda: sr_ste("toolbox_sr_ste_fmnist_mlp.json"),
+  "sr-ste-cnn": lambda: sr_ste("toolbox_sr_ste_fmnist_cnn.json"),
+}
+
+
+def render(text: str, where: str = "<page>") -> str:
+  """``text`` with every generated region rewritten from ``results/``."""
+
+  def fill(m):
+    name = m.group(2)
+    if name not in TABLES:
+      raise ValueError(f"{where}: unknown generated table {name!r}; known: {sorted(TABLES)}")
+    return m.group(1) + TABLES[name]() + "\n" + m.group(4)
+
+  return REGION.sub(fill, text)
+
+
+def pages() -> list[str]:
+  return sorted(os.path.join(PAGES, name) for name in os.listdir(PAGES) if name.endswith(".md"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if stale")
+  args = parser.parse_args(argv)
+  stale = []
+  for path in pages():
+    with open(path) as f:
+      text = f.read()
+    new = render(text, os.path.relpath(path, ROOT))
+    if new == text:
+      continue
+    stale.append(os.path.relpath(path, ROOT))
+    if not args.check:
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.write(new)
+      os.replace(tmp, path)
+  verb = "stale" if args.check else "rewritten"
+  print(json.dumps({verb: stale}))
+  return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
