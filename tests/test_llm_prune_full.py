@@ -1,6 +1,6 @@
 """Full-size one-shot pruning of SmolLM2-135M (slow: minutes per run on 2 CPU cores).
 
-The protocol of RESULTS.md: seqlen 128, 16 calibration + 16 evaluation segments.
+The protocol of docs/results/oneshot_llm.md: seqlen 128, 16 calibration + 16 evaluation segments.
 """
 
 import numpy as np

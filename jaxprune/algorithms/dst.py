@@ -20,8 +20,8 @@ whole weight variable, whose masked entries keep stale values), or normal with a
 given float standard deviation. Either way their inner-optimizer state restarts
 at zero (:func:`jaxprune.sparsify`). Over many updates ``"random"`` ratchets the
 weight scale up: the drop keeps the largest draws, and the next draws use the
-larger standard deviation (measured in RESULTS.md); a float ``grow_init`` is a
-fixed scale and does not ratchet.
+larger standard deviation (measured in ``docs/results/toolbox.md``); a float
+``grow_init`` is a fixed scale and does not ratchet.
 
 Non-finite scores never win: a NaN weight ranks below every finite active
 weight for keeping, and NaN or inf gradients rank below every finite gradient
