@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 RESULTS = "results"
 API = re.compile(r"^<!-- api: ([\w.]+) -->$", re.M)
 LINK = re.compile(r"(\]\()([^)\s]+)")
+CODE = re.compile(r"`[^`\n]+`")
+ROLE = re.compile(r":(?:func|mod|class|meth|attr|data|obj|exc):(?=<code)")
 
 
 _TARGETS = r"""
@@ -103,8 +105,29 @@ def _rewrite_results_link(match, page_dir: str) -> str:
   return match.group(1) + posixpath.relpath(resolved, page_dir or ".")
 
 
+def unescape_table_code(markdown: str) -> str:
+  """``\\|`` inside code spans of table rows becomes ``|``.
+
+  A code host's tables need the pipe in a code span escaped; Python-Markdown
+  keeps the backslash there, and needs no escape.
+  """
+
+  def row(line: str) -> str:
+    if not line.lstrip().startswith("|"):
+      return line
+    return CODE.sub(lambda m: m.group(0).replace("\\|", "|"), line)
+
+  return "\n".join(row(line) for line in markdown.split("\n"))
+
+
 def on_page_markdown(markdown, page, config, files):
   sections = tuple(API.findall(markdown))
   markdown = API.sub(lambda m: api_markdown(m.group(1), sections), markdown)
+  markdown = unescape_table_code(markdown)
   page_dir = posixpath.dirname(page.file.src_uri)
   return LINK.sub(lambda m: _rewrite_results_link(m, page_dir), markdown)
+
+
+def on_page_content(html, page, config, files):
+  """Drops the Sphinx roles (``:func:``) that some docstrings put before code."""
+  return ROLE.sub("", html)
