@@ -25,7 +25,13 @@ def _check_sparsity(sparsity):
 
 
 def uniform(params, sparsity: float, include: Include = None):
-  """The same sparsity for every pruned leaf."""
+  """The same sparsity for every pruned leaf (0.0 for the others).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> uniform({"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}, 0.5)
+    {'bias': 0.0, 'kernel': 0.5}
+  """
   _check_sparsity(sparsity)
   pruned = pruned_leaves(params, include)
   return jax.tree.map(lambda sel: float(sparsity) if sel else 0.0, pruned)

@@ -67,7 +67,16 @@ def zero_masked(tree, masks, skip_scalar_masks: bool = True):
 
 
 def apply_masks(params, masks):
-  """Zeroes every entry of ``params`` whose mask is False (exactly 0.0)."""
+  """Zeroes every entry of ``params`` whose mask is False (exactly 0.0).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([5.0])}
+    >>> masks = {"w": jnp.array([True, False, True]), "b": jnp.array(True)}
+    >>> out = apply_masks(params, masks)
+    >>> out["w"].tolist(), out["b"].tolist()
+    ([1.0, 0.0, 3.0], [5.0])
+  """
   check_masks(params, masks)
   return zero_masked(params, masks, skip_scalar_masks=False)
 

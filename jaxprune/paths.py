@@ -18,7 +18,16 @@ Include = Union[None, str, Callable[[str, Any], bool]]
 
 
 def path_str(keypath) -> str:
-  """Returns the "/"-joined string of a JAX key path."""
+  """Returns the "/"-joined string of a JAX key path.
+
+  This is the string an ``include`` regex is searched in.
+
+  Examples:
+    >>> import jax
+    >>> params = {"Dense_0": {"kernel": 1.0}}
+    >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    ['Dense_0/kernel']
+  """
   parts = []
   for k in keypath:
     if isinstance(k, jax.tree_util.DictKey):

@@ -31,6 +31,11 @@ def polynomial(
   ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3`` for t0 <= t <= t1,
   ``s_i`` before t0 and exactly ``s_f`` from t1 on. Masks change only on the
   update steps given by :func:`periodic_updates`.
+
+  Examples:
+    >>> schedule = polynomial(0.9, start_step=0, end_step=1000)
+    >>> [round(float(schedule(t)), 3) for t in (0, 500, 1000, 2000)]
+    [0.0, 0.787, 0.9, 0.9]
   """
 
   def schedule(step):

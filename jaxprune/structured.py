@@ -157,6 +157,10 @@ def parse_sparsity_type(sparsity_type) -> SparsityType:
 def nm_sparsity(sparsity_type) -> float:
   """The sparsity ``1 - N/M`` an N:M pattern implies (``0.5`` for ``"2:4"``).
 
+  Examples:
+    >>> nm_sparsity("2:4"), nm_sparsity("1:8")
+    (0.5, 0.875)
+
   Raises:
     ValueError: if ``sparsity_type`` is not an N:M pattern.
   """

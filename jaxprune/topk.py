@@ -31,7 +31,14 @@ from jax import lax
 
 
 def keep_count(n: int, sparsity: float) -> int:
-  """Entries kept out of ``n`` at ``sparsity``: ``n - floor(sparsity * n)``."""
+  """Entries kept out of ``n`` at ``sparsity``: ``n - floor(sparsity * n)``.
+
+  Examples:
+    >>> keep_count(100, 0.29)
+    72
+    >>> keep_count(10, 0.7)
+    3
+  """
   return int(n) - math.floor(float(sparsity) * int(n))
 
 
@@ -127,5 +134,15 @@ def _topk_masks(scores, k):
 
 
 def topk_mask(scores: jax.Array, k) -> jax.Array:
-  """Boolean mask of the ``k`` highest entries of ``scores`` (exact, no sort)."""
+  """Boolean mask of the ``k`` highest entries of ``scores`` (exact, no sort).
+
+  Ties go to the lower flat index; NaN ranks lowest.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> topk_mask(jnp.array([0.3, 0.1, 0.3, 0.9]), 2).tolist()
+    [True, False, False, True]
+    >>> topk_mask(jnp.array([jnp.nan, -1.0, 2.0]), 2).tolist()
+    [False, True, True]
+  """
   return topk_masks([scores], k)[0]

@@ -43,6 +43,15 @@ def create(name: str, **config) -> Algorithm:
 
   Raises ValueError for an unknown name (listing the valid ones), unknown
   config keys and out-of-range values, each naming the key.
+
+  Examples:
+    >>> algo = create("gradual_magnitude", sparsity=0.9, end_step=1000)
+    >>> algo.name, algo.config["sparsity"], algo.config["distribution"]
+    ('gradual_magnitude', 0.9, 'uniform')
+    >>> create("gradual_magnitude", sparsity=0.9, end_step=1000, update_evry=100)
+    Traceback (most recent call last):
+      ...
+    ValueError: gradual_magnitude: unknown config key(s) 'update_evry'; valid keys are: ...
   """
   if name not in REGISTRY:
     raise ValueError(f"unknown algorithm {name!r}; valid names are: {', '.join(sorted(REGISTRY))}")
