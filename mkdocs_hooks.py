@@ -28,6 +28,7 @@ API = re.compile(r"^<!-- api: ([\w.]+) -->$", re.M)
 LINK = re.compile(r"(\]\()([^)\s]+)")
 CODE = re.compile(r"`[^`\n]+`")
 ROLE = re.compile(r":(?:func|mod|class|meth|attr|data|obj|exc):(?=<code)")
+TILDE = re.compile(r"<code>~(?:\w+\.)*(\w+)</code>")  # Sphinx's ~a.b.c shows c
 
 
 _TARGETS = r"""
@@ -130,4 +131,4 @@ def on_page_markdown(markdown, page, config, files):
 
 def on_page_content(html, page, config, files):
   """Drops the Sphinx roles (``:func:``) that some docstrings put before code."""
-  return ROLE.sub("", html)
+  return TILDE.sub(r"<code>\1</code>", ROLE.sub("", html))
