@@ -6,6 +6,9 @@
   by Linen method interception or NNX class swapping.
 * :mod:`~jaxprune.oneshot.driver`: layer-sequential and single-pass pruning,
   returning params plus the library's pytree masks.
+* :mod:`~jaxprune.oneshot.quant`: int4/int8 quantisation on the GGUF Q4_0/Q8_0
+  grid: round-to-nearest, GPTQ (Frantar et al. 2022) and SparseGPT with
+  quantisation in its column loop.
 * :mod:`~jaxprune.oneshot.layers`: block influence and layer removal (ShortGPT,
   Men et al. 2024).
 """
@@ -27,15 +30,19 @@ from jaxprune.oneshot.driver import (
   prune_single_pass,
 )
 from jaxprune.oneshot.layers import block_influence, choose_blocks, remove_blocks
+from jaxprune.oneshot.quant import Quantized, QuantSpec, dequantize, quantize_rtn
 from jaxprune.oneshot.solvers import SparseGPTInfo, magnitude, parse_target, sparsegpt, wanda
 
 __all__ = [
   "KernelStats",
   "METHODS",
+  "QuantSpec",
+  "Quantized",
   "SparseGPTInfo",
   "block_influence",
   "choose_blocks",
   "collect",
+  "dequantize",
   "hessian",
   "kernel_as_matrix",
   "linen_stats_fn",
@@ -47,6 +54,7 @@ __all__ = [
   "prune_params",
   "prune_sequential",
   "prune_single_pass",
+  "quantize_rtn",
   "remove_blocks",
   "sparsegpt",
   "wanda",
