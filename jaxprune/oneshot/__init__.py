@@ -5,7 +5,8 @@
 * :mod:`~jaxprune.oneshot.calibration`: input statistics of every kernel, captured
   by Linen method interception or NNX class swapping.
 * :mod:`~jaxprune.oneshot.driver`: layer-sequential and single-pass pruning,
-  returning params plus the library's pytree masks.
+  returning params plus the library's pytree masks; layer-sequential pruning
+  and quantisation (:func:`compress_sequential`).
 * :mod:`~jaxprune.oneshot.quant`: int4/int8 quantisation on the GGUF Q4_0/Q8_0
   grid: round-to-nearest, GPTQ (Frantar et al. 2022) and SparseGPT with
   quantisation in its column loop.
@@ -24,25 +25,41 @@ from jaxprune.oneshot.calibration import (
 )
 from jaxprune.oneshot.driver import (
   METHODS,
+  QUANTIZERS,
+  compress_kernel,
+  compress_params,
+  compress_sequential,
   prune_kernel,
   prune_params,
   prune_sequential,
   prune_single_pass,
 )
 from jaxprune.oneshot.layers import block_influence, choose_blocks, remove_blocks
-from jaxprune.oneshot.quant import Quantized, QuantSpec, dequantize, quantize_rtn
+from jaxprune.oneshot.quant import (
+  Quantized,
+  QuantSpec,
+  dequantize,
+  gptq,
+  quantize_rtn,
+  sparsegpt_quant,
+)
 from jaxprune.oneshot.solvers import SparseGPTInfo, magnitude, parse_target, sparsegpt, wanda
 
 __all__ = [
   "KernelStats",
   "METHODS",
+  "QUANTIZERS",
   "QuantSpec",
   "Quantized",
   "SparseGPTInfo",
   "block_influence",
   "choose_blocks",
   "collect",
+  "compress_kernel",
+  "compress_params",
+  "compress_sequential",
   "dequantize",
+  "gptq",
   "hessian",
   "kernel_as_matrix",
   "linen_stats_fn",
@@ -57,5 +74,6 @@ __all__ = [
   "quantize_rtn",
   "remove_blocks",
   "sparsegpt",
+  "sparsegpt_quant",
   "wanda",
 ]
