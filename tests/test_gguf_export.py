@@ -294,3 +294,28 @@ def test_crosscheck_nll_matches_the_project_definition():
   tokens = rng.integers(0, 11, (1, 9))
   ours = np.asarray(data.nll(jnp.asarray(logits), jnp.asarray(tokens)))[0]
   np.testing.assert_allclose(crosscheck.segment_nll(logits[0], tokens[0]), ours, rtol=1e-5)
+
+
+def test_compressed_tiny_model_exports_with_the_same_perplexity(tiny, tmp_path):
+  method, quant, quantizer = "sparsegpt", "q4_0", "gptq"  # the joint solver
+  params, src = tiny
+  rng = np.random.default_rng(0)
+  calib = rng.integers(0, TINY.vocab_size, (4, 16)).astype(np.int32)
+  evals = rng.integers(0, TINY.vocab_size, (3, 16)).astype(np.int32)
+  jparams = jax.tree.map(jnp.asarray, params)
+  new, masks, quants = prune_llm.compress(
+    TINY, jparams, calib, method, 0.5, quant=quant, quantizer=quantizer, log=lambda s: None
+  )
+  assert len(quants) == TINY.n_layers * len(KERNELS)
+  fwd = prune_llm.forward_fn(TINY)
+  ppl = data.perplexity(lambda t: fwd(new, t), evals)
+  n, ppl_file = prune_llm.export_gguf(tmp_path / "m.gguf", TINY, new, quants, quant, src, evals)
+  assert n == os.path.getsize(tmp_path / "m.gguf")
+  assert ppl_file == pytest.approx(ppl, rel=1e-6)
+  _, back = loader.load_gguf(tmp_path / "m.gguf")
+  for path, q in quants.items():
+    blk, rel = path.split("/", 1)
+    m = np.asarray(gguf_export._get(masks[blk], rel))
+    got = gguf_export._get(back[blk], rel)
+    assert np.all(got[~m] == 0.0) and np.mean(m) == pytest.approx(0.5)
+    assert np.array_equal(got, np.asarray(oneshot.dequantize(q)))
