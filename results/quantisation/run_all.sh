@@ -25,17 +25,17 @@ cross() {  # cross NAME: llama.cpp on the exported file
 prune sgpt50_q4_0 --method=sparsegpt --sparsity=0.5 --quant=q4_0
 prune gptq_q4_0 --method=dense --quant=q4_0
 prune rtn_q4_0 --method=dense --quant=q4_0 --quantizer=rtn
-prune sgpt50 --method=sparsegpt --sparsity=0.5
 cross sgpt50_q4_0
 cross gptq_q4_0
 prune gptq_q8_0 --method=dense --quant=q8_0
 prune rtn_q8_0 --method=dense --quant=q8_0 --quantizer=rtn
 prune wanda50_q4_0 --method=wanda --sparsity=0.5 --quant=q4_0
+prune sgpt50 --method=sparsegpt --sparsity=0.5
 prune sgpt50_q8_0 --method=sparsegpt --sparsity=0.5 --quant=q8_0
 prune sgpt24_q4_0 --method=sparsegpt --sparsity_type=2:4 --quant=q4_0
 prune dense_f16 --method=dense
 prune sgpt24 --method=sparsegpt --sparsity_type=2:4
 prune sgpt24_q8_0 --method=sparsegpt --sparsity_type=2:4 --quant=q8_0
-for n in rtn_q4_0 sgpt50 gptq_q8_0 wanda50_q4_0 dense_f16 rtn_q8_0 sgpt50_q8_0 sgpt24_q4_0 \
+for n in rtn_q4_0 gptq_q8_0 sgpt50 wanda50_q4_0 dense_f16 rtn_q8_0 sgpt50_q8_0 sgpt24_q4_0 \
   sgpt24 sgpt24_q8_0; do cross $n; done
 echo "== $(date +%T) done" >&2

@@ -46,10 +46,12 @@ def main():
       continue
     c = load(f"{name}.llamacpp.json")
     rb = 100 * (r["export_ppl"] / r["ppl"] - 1)
-    cc = f"{c['llamacpp_ppl']:.2f} | {100 * (c['llamacpp_ppl'] / r['export_ppl'] - 1):+.2f}%"
+    cc = "not run | "
+    if c is not None:
+      cc = f"{c['llamacpp_ppl']:.2f} | {100 * (c['llamacpp_ppl'] / r['export_ppl'] - 1):+.2f}%"
     print(
       f"| {label} | {r['sparsity']:.3f} | {r['export_bytes'] / 1e6:.1f} | {r['ppl']:.2f} | "
-      f"{r['export_ppl']:.2f} | {rb:+.3f}% | {cc if c else 'not run | '} |"
+      f"{r['export_ppl']:.2f} | {rb:+.3f}% | {cc} |"
     )
 
 
