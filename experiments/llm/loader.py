@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import pathlib
+import struct
 
 import numpy as np
 
@@ -91,41 +92,67 @@ def read_config(reader) -> Config:
   )
 
 
-def load_gguf(path=None):
-  """Reads a llama GGUF: returns ``(config, params)``, params float32 numpy arrays."""
+def open_gguf(path):
+  """A ``gguf.GGUFReader`` of ``path``; a missing, truncated or corrupt file raises an error
+  naming it (FileNotFoundError, ValueError)."""
   gguf = _require("gguf")
-  reader = gguf.GGUFReader(str(path or smollm2_path()))
+  path = str(path)
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, OverflowError, struct.error) as e:
+    raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt): {e}") from e
+
+
+def load_gguf(path=None):
+  """Reads a llama GGUF: returns ``(config, params)``, params float32 numpy arrays.
+
+  Any tensor type ``gguf.dequantize`` knows is read (F32, F16, Q4_0, Q4_1, Q8_0, K-quants...).
+  """
+  gguf = _require("gguf")
+  path = str(path or smollm2_path())
+  reader = open_gguf(path)
   cfg = read_config(reader)
   tensors = {}
   for t in reader.tensors:
-    a = gguf.dequantize(t.data, t.tensor_type)
-    tensors[t.name] = np.asarray(a, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+    shape = tuple(int(d) for d in reversed(t.shape))
+    try:
+      a = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+    except (ValueError, IndexError) as e:
+      raise ValueError(f"{path}: tensor {t.name} is truncated or corrupt: {e}") from e
+    tensors[t.name] = a
+
+  def need(name):
+    if name not in tensors:
+      raise ValueError(f"{path}: tensor {name} is missing")
+    return tensors[name]
 
   def lin(name, n_heads=None):
-    w = tensors[name]
+    w = need(name)
     if n_heads is not None:
       w = _unpermute(w, n_heads)
     return {"kernel": np.ascontiguousarray(w.T)}
 
-  params = {"embed_tokens": {"embedding": tensors["token_embd.weight"]}}
+  params = {"embed_tokens": {"embedding": need("token_embd.weight")}}
   for i in range(cfg.n_layers):
     b = f"blk.{i}."
     params[f"layers_{i}"] = {
-      "input_layernorm": {"scale": tensors[b + "attn_norm.weight"]},
+      "input_layernorm": {"scale": need(b + "attn_norm.weight")},
       "self_attn": {
         "q_proj": lin(b + "attn_q.weight", cfg.n_heads),
         "k_proj": lin(b + "attn_k.weight", cfg.n_kv_heads),
         "v_proj": lin(b + "attn_v.weight"),
         "o_proj": lin(b + "attn_output.weight"),
       },
-      "post_attention_layernorm": {"scale": tensors[b + "ffn_norm.weight"]},
+      "post_attention_layernorm": {"scale": need(b + "ffn_norm.weight")},
       "mlp": {
         "gate_proj": lin(b + "ffn_gate.weight"),
         "up_proj": lin(b + "ffn_up.weight"),
         "down_proj": lin(b + "ffn_down.weight"),
       },
     }
-  params["norm"] = {"scale": tensors["output_norm.weight"]}
+  params["norm"] = {"scale": need("output_norm.weight")}
   if not cfg.tie_embeddings:
     params["lm_head"] = lin("output.weight")
   return cfg, params
@@ -133,9 +160,9 @@ def load_gguf(path=None):
 
 def load_tokenizer(path=None):
   """The GGUF's embedded byte-level BPE as a ``tokenizers.Tokenizer``."""
-  gguf = _require("gguf")
+  _require("gguf")
   tk = _require("tokenizers")
-  reader = gguf.GGUFReader(str(path or smollm2_path()))
+  reader = open_gguf(path or smollm2_path())
   model = _field(reader, "tokenizer.ggml.model")
   if model != "gpt2":
     raise ValueError(f"only GPT-2 style BPE tokenizers are supported, got {model!r}")

@@ -275,8 +275,39 @@ def _inverse_upper_cholesky(h, damp: float):
   return u, lam, k > 0
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _sparsegpt(w, h, k_full, k_last, nm, blocksize: int, damp: float):
+  w, mask, _, _, info = column_solve(w, h, None, k_full, k_last, nm, blocksize, damp, None)
+  return w, mask, info
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def column_solve(w, h, fixed_keep, k_full, k_last, nm, blocksize: int, damp: float, grid):
+  """The column loop shared by SparseGPT, GPTQ and the joint solver.
+
+  Walks the input axis of ``w`` (``(in, out)``, the columns of the reference
+  code's ``(out, in)`` weight) in blocks of ``blocksize`` rows. Each row is
+  replaced by its pruned and/or quantised value ``q`` and the error
+  ``(w - q) / U_jj`` is spread over the block's later rows (optimal brain
+  surgeon with ``U`` the upper Cholesky factor of ``H^-1``); the block's errors
+  then update all later rows at once (lazy batch update).
+
+  Which entries are kept: ``fixed_keep`` (a bool ``(in, out)`` array) when given;
+  else SparseGPT's choice, N:M every ``M`` rows when ``nm = (N, M)`` has ``M > 0``,
+  else the ``k_full`` (last block: ``k_last``) entries of each block with the
+  highest ``w**2 / U_jj**2``.
+
+  ``grid`` is None (no quantisation) or a static object with ``bits``, ``group``
+  (rows sharing a scale, a divisor of ``blocksize``; None for one scale per
+  output column), ``scales(rows)`` (one scale per column of ``rows``) and
+  ``round(values, scale) -> (values_on_grid, codes)``. A group's scales are
+  taken when the loop reaches its first row, from the group's current (already
+  error-updated) weights restricted to the entries kept (for N:M: the mask
+  that the current weights would give); pruned entries get code 0.
+
+  Returns:
+    ``(w, mask, codes, scales, info)``; ``codes`` and ``scales`` are None
+    without a grid.
+  """
   t = Target(0.0, *nm)
   d_in, d_out = w.shape
   dead = jnp.diag(h) == 0
@@ -286,54 +317,100 @@ def _sparsegpt(w, h, k_full, k_last, nm, blocksize: int, damp: float):
 
   # Pad the input axis to whole blocks with inputs that are independent of the
   # others (identity rows of U, zero weights): they change nothing and are kept.
-  nb = -(-d_in // blocksize)
-  pad = nb * blocksize - d_in
+  B = blocksize
+  nb = -(-d_in // B)
+  pad = nb * B - d_in
   w = jnp.pad(w, ((0, pad), (0, 0)))
   u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(d_in + pad) >= d_in)
   real = jnp.arange(d_in + pad) < d_in
-  B = blocksize
+  fixed = fixed_keep is not None
+  if fixed:
+    fixed_keep = jnp.pad(jnp.asarray(fixed_keep, bool), ((0, pad), (0, 0)), constant_values=True)
+  quant = grid is not None
+  per_channel = quant and grid.group is None
+  g = grid.group if quant and not per_channel else B
+  if quant:
+    if per_channel:  # one scale per output column, from the whole (kept) kernel
+      scales = grid.scales(jnp.where(fixed_keep, w, 0.0) if fixed else w)[None]
+    else:
+      scales = jnp.zeros(((d_in + pad) // g, d_out), jnp.float32)
+    codes = jnp.zeros(w.shape, jnp.int8)
+  else:
+    scales = codes = None
+
+  def nm_keep(rows, du_rows):
+    return structured.nm_mask_from_scores(rows**2 / (du_rows**2)[:, None], t.n, t.m, axis=0)
 
   def block(b, c):
-    w, keep = c
+    w, keep, codes, scales = c
     i1 = b * B
     w1 = lax.dynamic_slice_in_dim(w, i1, B, 0)
     u_rows = lax.dynamic_slice_in_dim(u, i1, B, 0)
     u1 = lax.dynamic_slice_in_dim(u_rows, i1, B, 1)
     du = jnp.diag(u1)
     real1 = lax.dynamic_slice_in_dim(real, i1, B, 0)
-    if t.is_nm:
+    if fixed:
+      keep1 = lax.dynamic_slice_in_dim(fixed_keep, i1, B, 0)
+    elif t.is_nm:
       keep1 = jnp.zeros(w1.shape, bool)
     else:
       k = jnp.where(b == nb - 1, k_last, k_full)
       tmp = jnp.where(real1[:, None], w1**2 / (du**2)[:, None], jnp.inf)
       keep1 = topk.topk_mask(tmp, k)
 
-    def step(i, c):
-      w1, keep1, err1 = c
-      if t.is_nm:
-        g = (i // t.m) * t.m
-        rows = lax.dynamic_slice_in_dim(w1, g, t.m, 0)
-        dg = lax.dynamic_slice_in_dim(du, g, t.m, 0)
-        gmask = structured.nm_mask_from_scores(rows**2 / (dg**2)[:, None], t.n, t.m, axis=0)
-        new = lax.dynamic_update_slice_in_dim(keep1, gmask, g, 0)
-        keep1 = jnp.where(i % t.m == 0, new, keep1)
-      row = w1[i]
-      q = jnp.where(keep1[i], row, 0.0)
-      err = (row - q) / du[i]
-      w1 = w1 - u1[i][:, None] * err[None, :]
-      w1 = w1.at[i].set(q)
-      err1 = err1.at[i].set(err)
-      return w1, keep1, err1
+    def group(j, c):
+      w1, keep1, err1, codes1, scales = c
+      r0 = j * g
+      scale = None
+      if per_channel:
+        scale = scales[0]
+      elif quant:
+        likely = keep1 if fixed or not t.is_nm else nm_keep(w1, du)  # N:M: provisional
+        rows = lax.dynamic_slice_in_dim(jnp.where(likely, w1, 0.0), r0, g, 0)
+        scale = grid.scales(rows)
+        scales = lax.dynamic_update_slice_in_dim(scales, scale[None], (i1 + r0) // g, 0)
 
-    w1, keep1, err1 = lax.fori_loop(0, B, step, (w1, keep1, jnp.zeros_like(w1)))
+      def step(r, c):
+        w1, keep1, err1, codes1 = c
+        i = r0 + r
+        if t.is_nm and not fixed:
+          gs = (i // t.m) * t.m
+          rows = lax.dynamic_slice_in_dim(w1, gs, t.m, 0)
+          gmask = nm_keep(rows, lax.dynamic_slice_in_dim(du, gs, t.m, 0))
+          new = lax.dynamic_update_slice_in_dim(keep1, gmask, gs, 0)
+          keep1 = jnp.where(i % t.m == 0, new, keep1)
+        row = w1[i]
+        q = jnp.where(keep1[i], row, 0.0)
+        if quant:
+          q, code = grid.round(q, scale)
+          codes1 = codes1.at[i].set(code)
+        err = (row - q) / du[i]
+        w1 = w1 - u1[i][:, None] * err[None, :]
+        w1 = w1.at[i].set(q)
+        err1 = err1.at[i].set(err)
+        return w1, keep1, err1, codes1
+
+      w1, keep1, err1, codes1 = lax.fori_loop(0, g, step, (w1, keep1, err1, codes1))
+      return w1, keep1, err1, codes1, scales
+
+    codes1 = jnp.zeros(w1.shape, jnp.int8) if quant else None
+    w1, keep1, err1, codes1, scales = lax.fori_loop(
+      0, B // g, group, (w1, keep1, jnp.zeros_like(w1), codes1, scales)
+    )
     # Lazy batch update of all later rows (U is upper triangular, so earlier rows
     # get zero), then the block's own rows.
     w = w - u_rows.T @ err1
     w = lax.dynamic_update_slice_in_dim(w, w1, i1, 0)
     keep = lax.dynamic_update_slice_in_dim(keep, keep1, i1, 0)
-    return w, keep
+    if quant:
+      codes = lax.dynamic_update_slice_in_dim(codes, codes1, i1, 0)
+    return w, keep, codes, scales
 
-  w, keep = lax.fori_loop(0, nb, block, (w, jnp.zeros(w.shape, bool)))
+  w, keep, codes, scales = lax.fori_loop(0, nb, block, (w, jnp.zeros(w.shape, bool), codes, scales))
   mask = keep[:d_in]
   w = jnp.where(mask, w[:d_in], 0.0)
-  return w, mask, SparseGPTInfo(lam, increased, jnp.sum(dead))
+  if quant:
+    codes = jnp.where(mask, codes[:d_in], 0)
+    if not per_channel:
+      scales = scales[: d_in // g]
+  return w, mask, codes, scales, SparseGPTInfo(lam, increased, jnp.sum(dead))

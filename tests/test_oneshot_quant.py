@@ -1,0 +1,360 @@
+"""Quantisation on the Q4_0/Q8_0 grid: round-to-nearest, GPTQ and the joint SparseGPT solver."""
+
+import math
+
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import jaxprune
+from jaxprune import oneshot
+from jaxprune.oneshot import Quantized, QuantSpec, dequantize, quantize_rtn
+
+QMAX = {4: 7, 8: 127}
+LOW = {4: -8, 8: -127}
+
+
+@st.composite
+def kernels(draw):
+  """A random (in, out) kernel, a QuantSpec that fits it, and a random mask."""
+  bits = draw(st.sampled_from([4, 8]))
+  group = draw(st.sampled_from([None, 4, 8, 32]))
+  n_groups = draw(st.integers(1, 4))
+  d_in = (group or draw(st.sampled_from([8, 24, 40]))) * n_groups
+  d_out = draw(st.integers(1, 9))
+  seed = draw(st.integers(0, 2**16))
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(d_in, d_out)).astype(np.float32) * draw(st.sampled_from([1e-2, 1.0, 30.0]))
+  mask = rng.random((d_in, d_out)) < draw(st.sampled_from([0.3, 0.7, 1.0]))
+  return w, QuantSpec(bits, group), mask
+
+
+_rtn = jax.jit(lambda w, spec, mask: quantize_rtn(w, spec, mask=mask), static_argnums=1)
+
+
+def _check_grid(q: Quantized, spec: QuantSpec, d_in: int, d_out: int):
+  g = spec.group_size or d_in
+  codes, scales = np.asarray(q.codes), np.asarray(q.scales)
+  assert codes.dtype == np.int8 and codes.shape == (d_in, d_out)
+  assert scales.dtype == np.float32 and scales.shape == (d_in // g, d_out)
+  assert codes.min() >= LOW[spec.bits] and codes.max() <= QMAX[spec.bits]
+  np.testing.assert_array_equal(scales.astype(np.float16).astype(np.float32), scales)
+  assert np.all(scales >= 0)
+  expect = codes.astype(np.float32) * np.repeat(scales, g, axis=0)
+  np.testing.assert_array_equal(np.asarray(dequantize(q)), expect)
+  assert q.spec == spec
+
+
+@settings(max_examples=20, deadline=None)
+@given(kernels())
+def test_rtn_grid_invariants(case):
+  w, spec, mask = case
+  d_in, d_out = w.shape
+  g = spec.group_size or d_in
+  for m in (None, mask):
+    q = _rtn(w, spec, m)
+    _check_grid(q, spec, d_in, d_out)
+    kept = np.ones_like(w, bool) if m is None else m
+    deq = np.asarray(dequantize(q))
+    assert np.all(deq[~kept] == 0.0) and np.all(np.asarray(q.codes)[~kept] == 0)
+    # round to nearest: within half a step of the (kept) weight
+    step = np.repeat(np.asarray(q.scales), g, axis=0)
+    assert np.all(np.abs(deq - np.where(kept, w, 0)) <= 0.5 * step * (1 + 1e-3))
+    # the scale is the group's absmax / qmax: its largest kept weight gets code +-qmax
+    wk = np.abs(np.where(kept, w, 0)).reshape(d_in // g, g, d_out)
+    top = np.abs(np.asarray(q.codes)).reshape(d_in // g, g, d_out).max(axis=1)
+    np.testing.assert_array_equal(top[wk.max(axis=1) > 0], QMAX[spec.bits])
+
+
+def test_rtn_is_jittable_and_zero_groups_stay_zero():
+  w = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+  w[:32, 2] = 0.0
+  spec = QuantSpec(4, 32)
+  eager = quantize_rtn(w, spec)
+  jitted = jax.jit(quantize_rtn, static_argnums=1)(w, spec)
+  np.testing.assert_array_equal(eager.codes, jitted.codes)
+  np.testing.assert_array_equal(eager.scales, jitted.scales)
+  assert float(eager.scales[0, 2]) == 0.0 and not np.any(np.asarray(eager.codes)[:32, 2])
+
+
+@pytest.mark.parametrize(
+  "spec, kw, match",
+  [
+    (QuantSpec(3, 32), {}, "bits must be 4 or 8"),
+    (QuantSpec(4, 24), {}, "group_size=24 must be a positive divisor of the input size 64"),
+    (QuantSpec(8, 0), {}, "group_size=0"),
+    (QuantSpec(4, 32), {"mask": np.ones((64, 4), bool)}, r"mask has shape \(64, 4\)"),
+  ],
+)
+def test_rtn_errors(spec, kw, match):
+  w = np.ones((64, 3), np.float32)
+  with pytest.raises(ValueError, match=match):
+    quantize_rtn(w, spec, **kw)
+
+
+def test_rtn_rejects_nan():
+  w = np.ones((64, 3), np.float32)
+  w[5, 1] = np.nan
+  with pytest.raises(ValueError, match="NaN/inf"):
+    quantize_rtn(w, QuantSpec(4, 32))
+
+
+def test_exported_names():
+  for name in (
+    "QuantSpec",
+    "Quantized",
+    "dequantize",
+    "quantize_rtn",
+    "gptq",
+    "sparsegpt_quant",
+    "compress_sequential",
+  ):
+    assert name in oneshot.__all__ and hasattr(oneshot, name)
+
+
+# --- GPTQ and the joint solver -------------------------------------------------------------
+
+
+def _calibration(seed, d_in, n=256):
+  """Correlated inputs (a random mixing plus noise) and their Hessian 2/n X^T X."""
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(d_in, d_in)) / math.sqrt(d_in)
+  x = rng.normal(size=(n, d_in)) @ mix + 0.1 * rng.normal(size=(n, d_in))
+  x[:, 1] = 0.0  # a dead input
+  x = x.astype(np.float32)
+  return x, (2.0 / n) * x.T @ x
+
+
+def _err(x, w, q):
+  return float(np.sum((x.astype(np.float64) @ (w - np.asarray(q, np.float64))) ** 2))
+
+
+@st.composite
+def solves(draw):
+  bits = draw(st.sampled_from([4, 8]))
+  group = draw(st.sampled_from([None, 8, 16]))
+  d_in = draw(st.sampled_from([32, 48]))
+  d_out = draw(st.sampled_from([3, 8]))
+  seed = draw(st.integers(0, 2**16))
+  return bits, group, d_in, d_out, seed
+
+
+@settings(max_examples=4, deadline=None)
+@given(solves(), st.sampled_from([0.3, 1.0]))
+def test_gptq_grid_invariants(case, density):
+  bits, group, d_in, d_out, seed = case
+  spec = QuantSpec(bits, group)
+  x, h = _calibration(seed, d_in)
+  rng = np.random.default_rng(seed + 1)
+  w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+  mask = rng.random(w.shape) < density
+  q, info = oneshot.gptq(w, h, spec, mask=mask, blocksize=16)
+  _check_grid(q, spec, d_in, d_out)
+  codes = np.asarray(q.codes)
+  assert np.all(codes[~mask] == 0) and np.all(np.asarray(dequantize(q))[~mask] == 0.0)
+  assert np.all(codes[1] == 0) and int(info.dead) == 1  # the dead input is zeroed
+
+
+@settings(max_examples=5, deadline=None)
+@given(solves(), st.sampled_from(["0.5", "0.3", "2:4", "1:8"]))
+def test_joint_solver_grid_and_exact_counts(case, target):
+  bits, group, d_in, d_out, seed = case
+  spec = QuantSpec(bits, group)
+  x, h = _calibration(seed, d_in)
+  w = np.random.default_rng(seed + 1).normal(size=(d_in, d_out)).astype(np.float32)
+  kw = {"sparsity_type": target} if ":" in target else {"sparsity": float(target)}
+  q, mask, _ = oneshot.sparsegpt_quant(w, h, spec, **kw, blocksize=16)
+  _check_grid(q, spec, d_in, d_out)
+  mask, codes = np.asarray(mask), np.asarray(q.codes)
+  assert np.all(codes[~mask] == 0) and np.all(np.asarray(dequantize(q))[~mask] == 0.0)
+  if ":" in target:
+    n, m = map(int, target.split(":"))
+    assert jaxprune.structured.is_nm_sparse(mask, n, m)
+    np.testing.assert_array_equal(mask.reshape(d_in // m, m, d_out).sum(1), n)
+  else:
+    s = float(target)
+    for b in range(0, d_in, 16):  # blocks of 16 rows (blocksize is a multiple of the group)
+      block = mask[b : b + 16]
+      assert block.sum() == block.size - math.floor(s * block.size)
+
+
+def _np_gptq(w, h, bits, group, blocksize=128, percdamp=0.01):
+  """GPTQ (Frantar et al. 2022) after the reference loop, in float64, W (out, in)."""
+  qmax, lo = QMAX[bits], LOW[bits]
+  W = w.T.astype(np.float64).copy()
+  cols = W.shape[1]
+  H = h.astype(np.float64).copy()
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1
+  W[:, dead] = 0
+  H[np.arange(cols), np.arange(cols)] += percdamp * np.mean(np.diag(H))
+  Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+  Q = np.zeros_like(W)
+  codes = np.zeros(W.shape, np.int64)
+  scale = None
+  for i1 in range(0, cols, blocksize):
+    i2 = min(i1 + blocksize, cols)
+    W1, Err1 = W[:, i1:i2].copy(), np.zeros((W.shape[0], i2 - i1))
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+      if (i1 + i) % group == 0:  # the group's scale from its current weights
+        s = np.abs(W1[:, i : i + group]).max(axis=1) / qmax
+        scale = s.astype(np.float16).astype(np.float64)
+      w_, d = W1[:, i], Hinv1[i, i]
+      c = np.clip(np.round(np.divide(w_, scale, out=np.zeros_like(w_), where=scale > 0)), lo, qmax)
+      q = c * scale
+      Q[:, i1 + i], codes[:, i1 + i] = q, c
+      err = (w_ - q) / d
+      W1[:, i:] -= np.outer(err, Hinv1[i, i:])
+      Err1[:, i] = err
+    W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+  return Q.T, codes.T
+
+
+def test_gptq_matches_numpy_reference():
+  x, h = _calibration(3, 64)
+  w = np.random.default_rng(4).normal(size=(64, 6)).astype(np.float32)
+  q, _ = oneshot.gptq(w, h, QuantSpec(4, 16), blocksize=32)
+  ref, ref_codes = _np_gptq(w, h, 4, 16, blocksize=32)
+  # float32 against float64: a few codes at a rounding boundary may differ
+  assert np.mean(np.asarray(q.codes) == ref_codes) >= 0.97
+  assert abs(_err(x, w, dequantize(q)) - _err(x, w, ref)) <= 0.05 * _err(x, w, ref)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(4, None)])
+def test_gptq_reconstructs_better_than_rtn(spec):
+  x, h = _calibration(0, 128)
+  w = np.random.default_rng(1).normal(size=(128, 16)).astype(np.float32)
+  w[1] = 0.0  # a dead input carries no weight in either
+  q, _ = oneshot.gptq(w, h, spec)
+  e_gptq, e_rtn = _err(x, w, dequantize(q)), _err(x, w, dequantize(quantize_rtn(w, spec)))
+  assert e_gptq <= e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"sparsity_type": "2:4"}])
+def test_joint_solver_reconstructs_better_than_prune_then_rtn(target):
+  x, h = _calibration(2, 128)
+  w = np.random.default_rng(3).normal(size=(128, 16)).astype(np.float32)
+  spec = QuantSpec(4, 32)
+  pruned, mask = oneshot.sparsegpt(w, h, **target)
+  two_step = dequantize(quantize_rtn(pruned, spec, mask=mask))
+  q, joint_mask, _ = oneshot.sparsegpt_quant(w, h, spec, **target)
+  e_joint, e_two = _err(x, w, dequantize(q)), _err(x, w, two_step)
+  assert e_joint <= e_two, (e_joint, e_two)
+  assert int(np.sum(joint_mask)) == int(np.sum(mask))
+
+
+@pytest.mark.parametrize(
+  "call, match",
+  [
+    (lambda w, h: oneshot.gptq(w, h, QuantSpec(2, 32)), "gptq: bits must be 4 or 8"),
+    (lambda w, h: oneshot.gptq(w, h, QuantSpec(4, 48)), "gptq: group_size=48"),
+    (lambda w, h: oneshot.gptq(w, h[:8], QuantSpec(4, 32)), "gptq: hessian has shape"),
+    (
+      lambda w, h: oneshot.gptq(w, h, QuantSpec(4), mask=np.ones((64,), bool)),
+      r"gptq: mask has shape \(64,\)",
+    ),
+    (
+      lambda w, h: oneshot.sparsegpt_quant(w, h, QuantSpec(8, 7), 0.5),
+      "sparsegpt_quant: group_size=7",
+    ),
+    (lambda w, h: oneshot.sparsegpt_quant(w, h, QuantSpec(4), 1.5), "sparsity must be in"),
+    (
+      lambda w, h: oneshot.gptq(np.where(np.eye(64, 4) > 0, np.inf, w), h, QuantSpec(4)),
+      "gptq: 4 NaN/inf",
+    ),
+  ],
+)
+def test_solver_errors(call, match):
+  w = np.ones((64, 4), np.float32)
+  h = np.eye(64, dtype=np.float32)
+  with pytest.raises(ValueError, match=match):
+    call(w, h)
+
+
+# --- the layer-sequential driver -----------------------------------------------------------
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(32, name="up")(x))
+    return x + nn.Dense(16, use_bias=False, name="down")(h)
+
+
+@pytest.fixture(scope="module")
+def two_blocks():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 16)) @ jax.random.normal(
+    jax.random.key(1), (16, 16)
+  )
+  blocks = [Block().init(jax.random.key(i + 2), x)["params"] for i in range(2)]
+  return (lambda p, x: Block().apply({"params": p}, x)), blocks, [x[:2], x[2:]]
+
+
+@pytest.mark.parametrize(
+  "method, target, quantizer",
+  [
+    ("none", {}, "gptq"),
+    ("none", {}, "rtn"),
+    ("sparsegpt", {"sparsity": 0.5}, "gptq"),
+    ("wanda", {"sparsity_type": "2:4"}, "gptq"),
+    ("magnitude", {"sparsity": 0.5}, "rtn"),
+  ],
+)
+def test_compress_sequential(two_blocks, method, target, quantizer):
+  fn, blocks, xs = two_blocks
+  spec = QuantSpec(4, 16)
+  new, masks, quants, out = oneshot.compress_sequential(
+    fn, blocks, xs, method, quant=spec, quantizer=quantizer, log=lambda s: None, **target
+  )
+  assert len(new) == len(masks) == len(quants) == 2 and len(out) == 2
+  for b, m, q, old in zip(new, masks, quants, blocks):
+    assert set(q) == {"up/kernel", "down/kernel"}
+    for layer in ("up", "down"):
+      kernel = np.asarray(b[layer]["kernel"])
+      np.testing.assert_array_equal(kernel, np.asarray(dequantize(q[f"{layer}/kernel"])))
+      _check_grid(q[f"{layer}/kernel"], spec, *kernel.shape)
+      mask = np.asarray(m[layer]["kernel"])
+      if method == "none":
+        assert mask.ndim == 0
+      else:
+        assert np.all(kernel[~mask] == 0.0) and mask.mean() == 0.5
+    np.testing.assert_array_equal(b["up"]["bias"], old["up"]["bias"])
+  # the outputs are those of the compressed blocks
+  y = [fn(new[1], fn(new[0], x)) for x in xs]
+  np.testing.assert_allclose(out[0], y[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prune_sequential_equals_compress_without_quant(two_blocks):
+  fn, blocks, xs = two_blocks
+  a, ma, ya = oneshot.prune_sequential(fn, blocks, xs, "sparsegpt", 0.5, log=lambda s: None)
+  b, mb, qb, yb = oneshot.compress_sequential(fn, blocks, xs, "sparsegpt", 0.5, log=lambda s: None)
+  assert qb == [{}, {}]
+  for u, v in zip(jax.tree.leaves((a, ma, ya)), jax.tree.leaves((b, mb, yb))):
+    np.testing.assert_array_equal(u, v)
+
+
+def test_compress_sequential_errors(two_blocks):
+  fn, blocks, xs = two_blocks
+  quiet = {"log": lambda s: None}
+  with pytest.raises(ValueError, match="block 0: down/kernel: group_size=24 .* input size 32"):
+    oneshot.compress_sequential(fn, blocks, xs, "none", quant=QuantSpec(4, 8 * 3), **quiet)
+  bad = jax.tree.map(lambda a: a, blocks)
+  bad[1] = {
+    **bad[1],
+    "up": {**bad[1]["up"], "kernel": bad[1]["up"]["kernel"].at[0, 0].set(jnp.nan)},
+  }
+  with pytest.raises(ValueError, match="block 1: up/kernel: 1 NaN/inf"):
+    oneshot.compress_sequential(fn, bad, xs, "none", quant=QuantSpec(8, 16), **quiet)
+  with pytest.raises(ValueError, match="quant: bits must be 4 or 8"):
+    oneshot.compress_sequential(fn, blocks, xs, "none", quant=QuantSpec(5), **quiet)
+  with pytest.raises(ValueError, match="quantizer must be one of"):
+    oneshot.compress_sequential(fn, blocks, xs, "none", quant=QuantSpec(4), quantizer="awq")
+  with pytest.raises(ValueError, match="method='none' needs quant"):
+    oneshot.compress_sequential(fn, blocks, xs, "none")
+  with pytest.raises(ValueError, match="method must be"):
+    oneshot.compress_sequential(fn, blocks, xs, "obs", 0.5, quant=QuantSpec(4))
