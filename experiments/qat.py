@@ -25,7 +25,9 @@ is cached in ``<workdir>/<cell>/qat_result.json`` and reused on a rerun.
 
 Writes `--out` (refused if it exists: a finished results file is never
 overwritten) with every cell and the table, prints the table, and ends with
-one JSON line.
+one JSON line. `--plot=PATH.png` also draws test accuracy against sparsity;
+`--from=RESULTS.json` redraws the table (and `--plot`) of a finished results
+file without running anything.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ FLAGS = {
   "group_size": "32",
   "workdir": "runs/qat",
   "out": "results/qat/qat.json",
+  "plot": "",
+  "from": "",
 }
 PRECISIONS = {"float": None, "int8": 8, "int4": 4}
 RESULT_FILE = "qat_result.json"
@@ -251,10 +255,46 @@ def table(rows: Sequence[dict]) -> tuple[str, list[dict]]:
   return "\n".join(lines), summary
 
 
+CURVES = (  # (precision of training, result key, label)
+  ("float", "test_accuracy", "float"),
+  ("int8", "test_accuracy", "QAT int8"),
+  ("int4", "test_accuracy", "QAT int4"),
+  ("float", "ptq_int8_accuracy", "float + PTQ int8"),
+  ("float", "ptq_int4_accuracy", "float + PTQ int4"),
+)
+
+
+def plot(summary: Sequence[dict], path: str) -> str:
+  """Test accuracy (mean, error bars one std over seeds) against sparsity."""
+  from experiments import plots
+
+  fig, ax = plots.plt.subplots(figsize=(6, 4))
+  for precision, key, label in CURVES:
+    points = sorted((e["sparsity"], *e[key]) for e in summary if e["precision"] == precision)
+    if points:
+      xs, means, stds = zip(*points)
+      style = "--" if key.startswith("ptq") else "-"
+      ax.errorbar([100 * x for x in xs], means, yerr=stds, fmt=style + "o", capsize=3, label=label)
+  ax.set_xlabel("sparsity (%)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return plots.save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   try:
     flags, overrides = parse(argv)
+    if flags["from"]:
+      with open(flags["from"]) as f:
+        rows = json.load(f)["rows"]
+      markdown, summary = table(rows)
+      print(markdown)
+      if flags["plot"]:
+        plot(summary, flags["plot"])
+      print(json.dumps({"from": flags["from"], "runs": len(rows), "table": summary}))
+      return 0
     out_path = os.path.abspath(flags["out"])
     if os.path.exists(out_path):
       raise train.ConfigError(f"--out {out_path} exists; choose another path (not overwritten)")
@@ -277,9 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(markdown)
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   datasets = sorted({r["dataset"] for r in rows})
-  flags_out = {k: v for k, v in flags.items() if k != "out"}
+  flags_out = {k: v for k, v in flags.items() if k not in ("out", "plot", "from")}
   results = {"flags": flags_out, "overrides": overrides, "table": summary, "rows": rows}
   train._write_json(out_path, results)
+  if flags["plot"]:
+    plot(summary, flags["plot"])
   nonzero = sum(
     r["ptq_int8_pruned_nonzero_codes"] + r["ptq_int4_pruned_nonzero_codes"] for r in rows
   )

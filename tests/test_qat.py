@@ -220,3 +220,71 @@ def test_qat_conv_kernels_are_per_output_channel():
   kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 5))
   q = qat.quantize_kernel(kernel, 4, group_size=16)  # group_size applies to 2-D kernels only
   assert q.scale.shape == (1, 1, 1, 5)
+
+
+def test_qat_experiment_flags_and_existing_output(tmp_path, capsys):
+  from experiments import qat as experiment
+  from experiments import train
+
+  with pytest.raises(train.ConfigError, match="--precisions"):
+    experiment.parse(["qat", "--precisions=float,int3"])
+  with pytest.raises(train.ConfigError, match="--sparsities"):
+    experiment.parse(["qat", "--sparsities=0,1.0"])
+  with pytest.raises(train.ConfigError, match="unknown argument '--stpes=3'"):
+    experiment.parse(["qat", "--stpes=3"])
+  flags, overrides = experiment.parse(["qat", "--seeds=0,1", "--config.batch_size=64"])
+  assert overrides == ["--config.batch_size=64"]
+  cells = experiment.plan(flags)
+  assert len(cells) == 18 and {c.seed for c in cells[:9]} == {0}  # seed-major
+  out = tmp_path / "done.json"
+  out.write_text('{"rows": []}')
+  assert experiment.main(["qat", f"--out={out}", f"--workdir={tmp_path}"]) == 2
+  assert "exists" in capsys.readouterr().err and out.read_text() == '{"rows": []}'
+
+
+def test_qat_experiment_table_mean_and_std():
+  from experiments import qat as experiment
+
+  rows = [
+    {
+      "precision": p,
+      "sparsity": 0.5,
+      "seed": s,
+      "test_accuracy": a,
+      "ptq_int8_accuracy": a,
+      "ptq_int4_accuracy": a - 0.1,
+    }
+    for p, s, a in [("int4", 0, 0.80), ("int4", 1, 0.82), ("float", 0, 0.9)]
+  ]
+  markdown, summary = experiment.table(rows)
+  assert [e["precision"] for e in summary] == ["float", "int4"]
+  assert summary[1]["test_accuracy"] == [81.0, 1.41] and summary[1]["seeds"] == 2
+  assert "| QAT int4 | 0.5 | 81.00 ± 1.41 (2) | 81.00 ± 1.41 (2) | 71.00 ± 1.41 (2) |" in markdown
+
+
+@pytest.mark.slow
+def test_qat_experiment_runs_end_to_end(tmp_path):
+  import json
+
+  from experiments import qat as experiment
+
+  out = tmp_path / "qat.json"
+  argv = [
+    "qat",
+    "--steps=4",
+    "--precisions=float,int4",
+    "--sparsities=0.5",
+    "--seeds=0",
+    f"--workdir={tmp_path / 'runs'}",
+    f"--out={out}",
+    "--config.eval_batch_size=500",
+  ]
+  assert experiment.main(argv) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["precision"] for r in rows] == ["float", "int4"]
+  for r in rows:
+    assert r["ptq_int8_pruned_nonzero_codes"] == 0 and r["ptq_int4_pruned_nonzero_codes"] == 0
+    assert abs(r["measured_sparsity"] - 0.5) < 0.01
+  # QAT int4 evaluates with the PTQ int4 grid: the same accuracy.
+  assert rows[1]["test_accuracy"] == pytest.approx(rows[1]["ptq_int4_accuracy"], abs=2e-3)
+  assert experiment.main(argv) == 2  # a finished results file is not overwritten
