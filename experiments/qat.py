@@ -27,7 +27,8 @@ Writes `--out` (refused if it exists: a finished results file is never
 overwritten) with every cell and the table, prints the table, and ends with
 one JSON line. `--plot=PATH.png` also draws test accuracy against sparsity;
 `--from=RESULTS.json` redraws the table (and `--plot`) of a finished results
-file without running anything.
+file without running anything; `--finished_only=1` tabulates the cells whose
+result is cached and lists the others as `missing` instead of running them.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ FLAGS = {
   "out": "results/qat/qat.json",
   "plot": "",
   "from": "",
+  "finished_only": "",
 }
 PRECISIONS = {"float": None, "int8": 8, "int4": 4}
 RESULT_FILE = "qat_result.json"
@@ -167,8 +169,9 @@ def ptq_figures(setup: train.Setup, config, state, masks, bits: int, group_size)
   return {"accuracy": evaluation["accuracy"], "pruned_nonzero_codes": nonzero}
 
 
-def run_cell(flags: dict, overrides: list[str], cell: Cell, out) -> dict:
-  """Trains `cell` (or reads its cached result) and returns its row."""
+def run_cell(flags: dict, overrides: list[str], cell: Cell, out) -> dict | None:
+  """Trains `cell` (or reads its cached result) and returns its row (None: not
+  cached and `--finished_only`)."""
   workdir = os.path.abspath(os.path.join(flags["workdir"], cell.name))
   done = os.path.join(workdir, RESULT_FILE)
   config = cell_config(flags, overrides, cell, workdir)
@@ -180,6 +183,8 @@ def run_cell(flags: dict, overrides: list[str], cell: Cell, out) -> dict:
         f"{done} was made with a different config; move it away or use another --workdir"
       )
     return row
+  if flags["finished_only"]:
+    return None
   group_size = int(flags["group_size"])
   t0 = time.time()
   base = train.build(config)
@@ -299,9 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.exists(out_path):
       raise train.ConfigError(f"--out {out_path} exists; choose another path (not overwritten)")
     t0 = time.time()
-    rows = []
+    rows, missing = [], []
     for cell in plan(flags):
       row = run_cell(flags, overrides, cell, sys.stdout)
+      if row is None:
+        print(f"[qat] {cell.name}: not run (--finished_only)", flush=True)
+        missing.append(cell.name)
+        continue
       print(
         f"[qat] {cell.name}: {100 * row['test_accuracy']:.2f} as trained, "
         f"PTQ int8 {100 * row['ptq_int8_accuracy']:.2f}, int4 {100 * row['ptq_int4_accuracy']:.2f}"
@@ -317,8 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(markdown)
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   datasets = sorted({r["dataset"] for r in rows})
-  flags_out = {k: v for k, v in flags.items() if k not in ("out", "plot", "from")}
-  results = {"flags": flags_out, "overrides": overrides, "table": summary, "rows": rows}
+  flags_out = {k: v for k, v in flags.items() if k not in ("out", "plot", "from", "finished_only")}
+  results = {
+    "flags": flags_out,
+    "overrides": overrides,
+    "table": summary,
+    "missing": missing,
+    "rows": rows,
+  }
   train._write_json(out_path, results)
   if flags["plot"]:
     plot(summary, flags["plot"])
@@ -328,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   line = {
     "out": out_path,
     "runs": len(rows),
+    "missing": missing,
     "dataset": datasets,
     "pruned_nonzero_codes": nonzero,
     "wall_s": round(time.time() - t0, 1),
