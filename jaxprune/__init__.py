@@ -5,7 +5,7 @@ that a jitted training step keeps the parameters sparse.
 """
 
 from jaxprune import oneshot
-from jaxprune.algorithms import REGISTRY, Algorithm, create, register
+from jaxprune.algorithms import REGISTRY, Algorithm, config_keys, create, register
 from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
 from jaxprune.algorithms.ste import straight_through
 from jaxprune.distributions import erk, uniform
@@ -30,6 +30,7 @@ __all__ = [
   "TrainingFlops",
   "apply_masks",
   "check_masks",
+  "config_keys",
   "create",
   "erk",
   "flops",
