@@ -101,10 +101,11 @@ def _sample_keys(keys, stride: int) -> jax.Array:
 
 
 def _sampled_bracket(keys, k, total: int, count):
-  """``(lo, c_lo, top, c_up)``: the k-th largest key lies in ``[lo, top]``,
+  """``(lo, c_lo, top, c_up, both)``: the k-th largest key lies in ``[lo, top]``,
   ``c_lo = count(key >= lo)`` and ``c_up = count(key >= top + 1)`` (0 for the
   top of the range); from the sample when its bounds check out (two counting
-  passes), else the full range ``[0, 2**32 - 1]`` on that side."""
+  passes), else the full range ``[0, 2**32 - 1]`` on that side; ``both``: both
+  sampled bounds held."""
   stride = max(1, total // SAMPLE_SIZE)
   sample = _sample_keys(keys, stride)
   n_s = int(sample.size)
@@ -125,7 +126,7 @@ def _sampled_bracket(keys, k, total: int, count):
   c_lo = jnp.where(lo_ok, c_lo_key, jnp.asarray(total, c_lo_key.dtype))
   top = jnp.where(hi_ok, hi_key - jnp.uint32(1), jnp.uint32(0xFFFFFFFF))
   c_up = jnp.where(hi_ok, c_hi_key, jnp.zeros((), c_hi_key.dtype))
-  return lo, c_lo, top, c_up
+  return lo, c_lo, top, c_up, lo_ok & hi_ok
 
 
 @jax.jit
@@ -142,15 +143,17 @@ def _topk_masks(scores, k):
   # in the integer range [lo, top] that holds it, one counting pass per step,
   # keeping count(key >= lo) = c_lo >= k > c_up = count(key >= top + 1). A step
   # probes where the counts interpolate k (counts are close to linear inside a
-  # narrow bracket), or halves the range after a probe that did not: never more
-  # than two passes per halving. It stops as soon as count(key >= t) is exactly
+  # narrow bracket; only there: over a wide range counts are far from linear),
+  # or halves the range after a probe that did not: never more than two passes
+  # per halving, and at most 32 passes without a sampled bracket. It stops as soon as count(key >= t) is exactly
   # k: then ``key >= t`` is the selection (every key >= the k-th largest, no tie
   # to break), the same set the full search would give.
   if total >= _SAMPLE_MIN_TOTAL:
-    lo, c_lo, top, c_up = _sampled_bracket(keys, k, total, count)
+    lo, c_lo, top, c_up, bracketed = _sampled_bracket(keys, k, total, count)
   else:  # count(key >= 0) = total
     lo, c_lo = jnp.uint32(0), jnp.asarray(total, cdt)
     top, c_up = jnp.uint32(0xFFFFFFFF), jnp.asarray(0, cdt)
+    bracketed = jnp.asarray(False)
 
   def unresolved(carry):
     lo, top, c_lo, _, _ = carry
@@ -169,7 +172,7 @@ def _topk_masks(scores, k):
     c_mid = count(lambda i, key: key >= mid)
     take = c_mid >= k
     new_lo, new_top = jnp.where(take, mid, lo), jnp.where(take, top, mid - jnp.uint32(1))
-    halved = (new_top - new_lo) <= (gap >> 1)
+    halved = bracketed & ((new_top - new_lo) <= (gap >> 1))
     return (
       new_lo,
       new_top,
@@ -178,9 +181,7 @@ def _topk_masks(scores, k):
       halved,
     )
 
-  thresh, _, n_at_least, _, _ = lax.while_loop(
-    unresolved, step, (lo, top, c_lo, c_up, jnp.asarray(True))
-  )
+  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, step, (lo, top, c_lo, c_up, bracketed))
 
   offsets = [0]
   for key in keys[:-1]:

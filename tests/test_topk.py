@@ -212,7 +212,7 @@ def test_sampled_bracket_bounds_hold_the_kth_key():
   count = lambda pred: sum(jnp.sum(pred(i, key), dtype=jnp.float32) for i, key in enumerate(keys))
   flat = np.sort(np.asarray(keys[0]).reshape(-1))[::-1]
   for k in (1, 7_710, 38_550, 77_099):
-    lo, c_lo, top, c_up = topk._sampled_bracket(keys, jnp.float32(k), x.size, count)
+    lo, c_lo, top, c_up, _ = topk._sampled_bracket(keys, jnp.float32(k), x.size, count)
     kth = flat[k - 1]
     assert int(lo) <= kth <= int(top)
     assert int(c_lo) == int((flat >= int(lo)).sum()) >= k
