@@ -372,8 +372,10 @@ class Init(NamedTuple):
   state: Callable
 
 
-def make_init(model, tx, input_shape) -> Init:
-  """The initialisation of a run: params with the algorithm's first masks applied."""
+def make_init(model, tx, input_shape, rescale: bool = False) -> Init:
+  """The initialisation of a run: params with the algorithm's first masks applied
+  (and with `rescale`, `jaxprune.rescale_init`: each unit's weights scaled to its
+  active fan-in)."""
 
   def init_model(rng):
     init_rng, state_rng = jax.random.split(rng)
@@ -382,7 +384,9 @@ def make_init(model, tx, input_shape) -> Init:
 
   def init_optimizer(params):
     opt_state = tx.init(params)
-    return jaxprune.apply_masks(params, jaxprune.get_masks(opt_state)), opt_state
+    masks = jaxprune.get_masks(opt_state)
+    params = jaxprune.apply_masks(params, masks)
+    return (jaxprune.rescale_init(params, masks) if rescale else params), opt_state
 
   def init_state(rng) -> TrainState:
     params, batch_stats, state_rng = init_model(rng)
@@ -609,7 +613,7 @@ def build(config) -> Setup:
   model = models.get_model(config, num_classes=train_source.num_classes)
   schedule = common.learning_rate_schedule(config)
   tx = jaxprune.sparsify(common.optimizer(config, schedule), algorithm)
-  init = make_init(model, tx, data.input_shape(config))
+  init = make_init(model, tx, data.input_shape(config), rescale=bool(config.rescale_init))
   shapes = jax.eval_shape(init.state, jax.random.PRNGKey(0))
   return Setup(
     config,

@@ -6,7 +6,7 @@ that a jitted training step keeps the parameters sparse.
 
 # Submodules reached as attributes after ``import jaxprune`` (``jaxprune.compact.compact``, ...).
 from jaxprune import compact, export, oneshot, regularizers, schedules, structured
-from jaxprune.algorithms import REGISTRY, Algorithm, create, register
+from jaxprune.algorithms import REGISTRY, Algorithm, config_keys, create, register
 from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
 from jaxprune.algorithms.ste import straight_through
 from jaxprune.distributions import erk, uniform
@@ -32,6 +32,7 @@ __all__ = [
   "apply_masks",
   "check_masks",
   "compact",
+  "config_keys",
   "create",
   "erk",
   "export",

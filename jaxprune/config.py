@@ -19,6 +19,9 @@ COMMON_KEYS = (
   "sparsity_type",
 )
 
+# Accepted by every algorithm too, next to COMMON_KEYS: the grouping axis of a
+# structured sparsity_type (jaxprune.structured).
+STRUCTURED_KEYS = ("axis",)
 
 MAX_STEP = 2**31 - 2
 
@@ -52,7 +55,7 @@ def validate(
   algorithm's ``extra_keys``; anything else raises a ValueError listing the
   valid keys.
   """
-  extra_keys = {"axis": None, **dict(extra_keys)}  # structured grouping axis (jaxprune.structured)
+  extra_keys = {**{k: None for k in STRUCTURED_KEYS}, **dict(extra_keys)}
   valid = set(COMMON_KEYS) | set(extra_keys)
   unknown = sorted(set(config) - valid)
   if unknown:

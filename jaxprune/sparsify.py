@@ -117,11 +117,40 @@ def sparsify(
 
     masks, grads, algo_state, grown = _mask_update(algorithm, state, params, updates)
     new_updates, inner_state = _inner_step(inner, grads, state.inner_state, params, masks, extra)
+    if algorithm.skip_optimizer_step:
+      new_updates, inner_state = _skip_on_update(
+        algorithm.is_update_step(state.count),
+        new_updates,
+        inner_state,
+        state.inner_state,
+        params,
+        masks,
+      )
     if grown is not None:
       new_updates = jax.tree.map(_start_grown, new_updates, grown, masks)
     return new_updates, SparseState(count, masks, inner_state, algo_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _skip_on_update(skip, updates, inner_state, old_inner_state, params, masks):
+  """On a mask-update step (``skip``), no optimizer step: updates that only
+  zero the entries the new masks prune, and the inner state as before the step,
+  zeroed at pruned entries (so it stays zero there, as on every step). Else
+  the inner step's ``(updates, inner_state)`` unchanged.
+
+  Selected with ``where`` rather than ``lax.cond``: both sides are elementwise
+  and fuse with the inner update, and no branch copies the state.
+  """
+  kept_state = zero_where_masked(old_inner_state, masks, params)
+  only_prune = jax.tree.map(
+    lambda u, p, m: _enforce_zero(jnp.zeros_like(u), p, m), updates, params, masks
+  )
+  pick = lambda a, b: jnp.where(skip, a, b)
+  return (
+    jax.tree.map(pick, only_prune, updates),
+    jax.tree.map(pick, kept_state, inner_state),
+  )
 
 
 def _straight_through_step(algorithm, inner, grads, state, params, count, extra):

@@ -498,10 +498,11 @@ def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
 
 def _replace_groups(active, magnitude, growth, drop_fraction):
   """Drop-and-grow over whole groups (1-D arrays): returns (new_active, n_dropped)."""
-  n = active.size
   n_active = jnp.sum(active, dtype=jnp.int32)
   n_drop = floor_product(drop_fraction, n_active)
-  n_drop = jnp.minimum(n_drop, n - n_active)
+  # Never grow at a non-finite score (-1, see _group_rank): at most as many as
+  # the inactive groups with a finite one.
+  n_drop = jnp.minimum(n_drop, jnp.sum(~active & (growth >= 0), dtype=jnp.int32))
   kept = topk_mask(jnp.where(active, magnitude, -jnp.inf), n_active - n_drop)
   grown = topk_mask(jnp.where(active, -jnp.inf, growth), n_drop)
   return kept | grown, n_drop
@@ -522,10 +523,14 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
   shape = move(mask).shape
   groups = lambda x: x.reshape(-1, m)
   act = groups(move(mask).astype(bool))
-  mag = groups(move(_group_rank(weights, growth=False)))
+  # An inf weight ranks as the largest finite float32: +-inf mark slots out of a selection.
+  mag = jnp.minimum(groups(move(_group_rank(weights, growth=False))), -_LOWEST)
   grow = groups(move(_group_rank(grow_scores, growth=True)))
-  # A group can drop at most min(n, m - n): it regrows among its own inactive slots.
-  cap = min(n, m - n)
+  # A group can drop at most min(n, m - n): it regrows among its own inactive
+  # slots; and at most as many as it has inactive slots with a finite growth
+  # score (-1 marks a NaN or inf one), so nothing is grown at a non-finite score.
+  finite_slots = jnp.sum(~act & (grow >= 0), axis=-1, dtype=jnp.int32)
+  cap = jnp.minimum(min(n, m - n), finite_slots)[:, None]
   eligible = act & (_pairwise_rank(jnp.where(act, mag, jnp.inf), descending=False) < cap)
   n_active = jnp.sum(act, dtype=jnp.int32)
   n_drop = floor_product(drop_fraction, n_active)
@@ -556,9 +561,11 @@ def replace_connections(
 
   Regrowth happens only at positions (groups) inactive before the update; ties go
   to the lower index. Non-finite values never win: a NaN weight makes its entry
-  (group) rank lowest for keeping, so it is dropped first, and a NaN or +-inf
-  growth score makes its entry (group) rank below every finite one for growth.
-  The number of active entries never changes. ``floor(d * active)`` is exact
+  (group) rank lowest for keeping, so it is dropped first, and nothing is ever
+  grown at a NaN or +-inf growth score: the drops are capped at the number of
+  inactive positions (groups) with a finite score -- for N:M, per group, so a
+  group whose inactive slots all hold non-finite scores keeps its connections.
+  The number of active entries (per N:M group: exactly N) never changes. ``floor(d * active)`` is exact
   (:func:`jaxprune.rounding.floor_product`). jit-able, with traced
   ``drop_fraction``.
 

@@ -12,12 +12,19 @@ deterministically: among equal scores, lower flat (row-major) indices win;
 across several leaves selected jointly, earlier leaves (in tree-flattening
 order) win.
 
-The k-th largest score is found by bisection over the 32 bits of an
-order-preserving integer image of the float32 scores: at most 32 counting passes
-(fewer when a prefix already separates exactly k entries), each a
-fused compare-and-sum that XLA shards like any reduction (no gather, no sort).
-Counts are float32 sums, exact while a count stays below 2**24, else int32.
-NaN scores rank lowest, below -inf.
+The k-th largest score is found by bisection over an order-preserving integer
+image (uint32) of the float32 scores: at most 32 counting passes (fewer when a
+threshold already separates exactly k entries), each a fused compare-and-sum that
+XLA shards like any reduction (no sort of the data). For large inputs a sampled
+bracket narrows the range first (:func:`_sampled_bracket`): a fixed, spread-out
+sample of ``SAMPLE_SIZE`` keys is sorted, the keys just above and below the
+sample quantile of ``k`` become candidate bounds, and two counting passes check
+them; the bisection then only covers the integer range between the bounds that
+hold (the full range where a bound does not), so the result is exact whatever
+the sample. (Counting against several thresholds in one pass was slower on
+XLA:CPU than as many single passes: its multi-output reductions do not
+vectorise.) Counts are float32 sums, exact while a count stays below 2**24, else
+int32. NaN scores rank lowest, below -inf.
 """
 
 from __future__ import annotations
@@ -79,6 +86,56 @@ def topk_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
   return _topk_masks(list(scores), jnp.asarray(k, jnp.int32))
 
 
+SAMPLE_SIZE = 4096  # keys sampled for the bracket (inputs below 16 x this are bisected directly)
+_SAMPLE_MIN_TOTAL = 16 * SAMPLE_SIZE
+_MARGIN_SIGMAS = 4.0  # bracket half-width around the sample quantile, in binomial std devs
+
+
+def _sample_keys(keys, stride: int) -> jax.Array:
+  """One key from each block of ``stride`` consecutive entries (flat order) of
+  every array, at a fixed pseudo-random offset inside the block (so that a
+  periodic pattern, e.g. N:M, cannot alias with the stride). Static shapes."""
+  parts = []
+  for key in keys:
+    flat = key.reshape(-1)
+    blocks = flat.size // stride
+    if blocks == 0:
+      continue
+    j = jnp.arange(blocks, dtype=jnp.uint32)
+    jitter = ((j * jnp.uint32(2654435761)) >> 8) % jnp.uint32(stride)
+    parts.append(flat[(j * jnp.uint32(stride) + jitter).astype(jnp.int32)])
+  return jnp.concatenate(parts)
+
+
+def _sampled_bracket(keys, k, total: int, count):
+  """``(lo, c_lo, top, c_up, both)``: the k-th largest key lies in ``[lo, top]``,
+  ``c_lo = count(key >= lo)`` and ``c_up = count(key >= top + 1)`` (0 for the
+  top of the range); from the sample when its bounds check out (two counting
+  passes), else the full range ``[0, 2**32 - 1]`` on that side; ``both``: both
+  sampled bounds held."""
+  stride = max(1, total // SAMPLE_SIZE)
+  sample = _sample_keys(keys, stride)
+  n_s = int(sample.size)
+  desc = jnp.sort(sample)[::-1]
+  kf = k.astype(jnp.float32)
+  p = kf / float(total)
+  q = kf / float(stride)  # the k-th largest's expected position in the sample
+  margin = _MARGIN_SIGMAS * jnp.sqrt(n_s * p * (1.0 - p)) + 2.0
+  hi_pos = jnp.floor(q - margin).astype(jnp.int32)
+  lo_pos = jnp.ceil(q + margin).astype(jnp.int32)
+  hi_key = desc[jnp.clip(hi_pos, 0, n_s - 1)]
+  lo_key = desc[jnp.clip(lo_pos, 0, n_s - 1)]
+  c_lo_key = count(lambda i, key: key >= lo_key)
+  c_hi_key = count(lambda i, key: key >= hi_key)
+  lo_ok = (lo_pos < n_s) & (c_lo_key >= k)
+  hi_ok = (hi_pos >= 0) & (c_hi_key < k) & (hi_key > 0)
+  lo = jnp.where(lo_ok, lo_key, jnp.uint32(0))
+  c_lo = jnp.where(lo_ok, c_lo_key, jnp.asarray(total, c_lo_key.dtype))
+  top = jnp.where(hi_ok, hi_key - jnp.uint32(1), jnp.uint32(0xFFFFFFFF))
+  c_up = jnp.where(hi_ok, c_hi_key, jnp.zeros((), c_hi_key.dtype))
+  return lo, c_lo, top, c_up, lo_ok & hi_ok
+
+
 @jax.jit
 def _topk_masks(scores, k):
   keys = [_sortable(s) for s in scores]
@@ -89,23 +146,49 @@ def _topk_masks(scores, k):
   def count(pred_fn):
     return sum(jnp.sum(pred_fn(i, key), dtype=cdt) for i, key in enumerate(keys))
 
-  # Bisection for the largest t with count(key >= t) >= k (the k-th largest key),
-  # one bit per counting pass from the top. It stops as soon as count(key >= t)
-  # is exactly k: then ``key >= t`` is the selection (every key >= the k-th
-  # largest, no tie to break), the same set the full 32 bits would give.
+  # Search for the largest t with count(key >= t) >= k (the k-th largest key)
+  # in the integer range [lo, top] that holds it, one counting pass per step,
+  # keeping count(key >= lo) = c_lo >= k > c_up = count(key >= top + 1). A step
+  # probes where the counts interpolate k (counts are close to linear inside a
+  # narrow bracket; only there: over a wide range counts are far from linear),
+  # or halves the range after a probe that did not: never more than two passes
+  # per halving, and at most 32 passes without a sampled bracket. It stops as soon as count(key >= t) is exactly
+  # k: then ``key >= t`` is the selection (every key >= the k-th largest, no tie
+  # to break), the same set the full search would give.
+  if total >= _SAMPLE_MIN_TOTAL:
+    lo, c_lo, top, c_up, bracketed = _sampled_bracket(keys, k, total, count)
+  else:  # count(key >= 0) = total
+    lo, c_lo = jnp.uint32(0), jnp.asarray(total, cdt)
+    top, c_up = jnp.uint32(0xFFFFFFFF), jnp.asarray(0, cdt)
+    bracketed = jnp.asarray(False)
+
   def unresolved(carry):
-    b, _, c = carry
-    return (b < 32) & (c != k)
+    lo, top, c_lo, _, _ = carry
+    return (lo < top) & (c_lo != k)
 
-  def bit_step(carry):
-    b, t, c = carry
-    cand = t | (jnp.uint32(1) << (31 - b).astype(jnp.uint32))
-    c_cand = count(lambda i, key: key >= cand)
-    take = c_cand >= k
-    return b + 1, jnp.where(take, cand, t), jnp.where(take, c_cand, c)
+  def step(carry):
+    lo, top, c_lo, c_up, interpolate = carry
+    gap = top - lo  # >= 1
+    half = lo + (gap >> 1) + (gap & jnp.uint32(1))  # upper middle: no overflow, always moves
+    frac = (c_lo - k).astype(jnp.float32) / jnp.maximum((c_lo - c_up).astype(jnp.float32), 1.0)
+    guess = lo + jnp.clip(
+      jnp.ceil(frac * (gap.astype(jnp.float32) + 1.0)), 1.0, gap.astype(jnp.float32)
+    ).astype(jnp.uint32)
+    guess = jnp.clip(guess, lo + jnp.uint32(1), top)  # float rounding of large gaps
+    mid = jnp.where(interpolate, guess, half)
+    c_mid = count(lambda i, key: key >= mid)
+    take = c_mid >= k
+    new_lo, new_top = jnp.where(take, mid, lo), jnp.where(take, top, mid - jnp.uint32(1))
+    halved = bracketed & ((new_top - new_lo) <= (gap >> 1))
+    return (
+      new_lo,
+      new_top,
+      jnp.where(take, c_mid, c_lo),
+      jnp.where(take, c_up, c_mid),
+      halved,
+    )
 
-  init = (jnp.int32(0), jnp.uint32(0), jnp.asarray(total, cdt))  # count(key >= 0) = total
-  _, thresh, n_at_least = lax.while_loop(unresolved, bit_step, init)
+  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, step, (lo, top, c_lo, c_up, bracketed))
 
   offsets = [0]
   for key in keys[:-1]:

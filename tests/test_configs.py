@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import jaxprune
 from experiments import configs, data, models
 from experiments.configs import common
 
@@ -187,7 +188,29 @@ def test_every_create_key_is_a_config_key():
   import jaxprune.config as jcfg
   from experiments.configs import common as cfg_common
 
-  keys = set(jcfg.COMMON_KEYS) | {"axis", "initial_sparsity", "power"}
-  assert keys - {"seed"} <= set(cfg_common.ALGORITHM_KEYS)
+  keys = set(jaxprune.config_keys())
+  assert set(jcfg.COMMON_KEYS) | {"axis", "grow_init", "drop_schedule", "reference"} <= keys
+  settable = keys - set(cfg_common.NOT_ALGORITHM_CONFIG_KEYS)
+  assert settable == set(cfg_common.ALGORITHM_KEYS)
   c = cfg_common.base_config("x")
-  assert all(k in c for k in keys)
+  assert all(k in c for k in settable | {"seed"})
+  for name in jaxprune.REGISTRY:  # each algorithm's own keys are among them
+    assert set(jaxprune.config_keys(name)) <= keys
+
+
+def test_dst_keys_pass_from_config_to_create():
+  from experiments.configs import common as cfg_common
+
+  c = cfg_common.base_config("x")
+  c.algorithm, c.sparsity, c.end_step = "rigl", 0.9, 100
+  c.reference, c.update_at_ends, c.drop_schedule, c.grow_init = (
+    True,
+    False,
+    "cosine_from_start",
+    "0.05",
+  )
+  kwargs = cfg_common.create_kwargs(c)
+  assert kwargs["grow_init"] == 0.05 and kwargs["reference"] is True
+  algo = jaxprune.create("rigl", **kwargs)
+  assert algo.config["regrow_dropped"] and algo.config["skip_optimizer_step"]
+  assert not algo.config["update_at_ends"] and algo.config["drop_schedule"] == "cosine_from_start"

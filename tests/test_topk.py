@@ -142,3 +142,80 @@ def test_topk_matches_stable_sort_for_every_k(seed, n, decimals):
     ref = np.zeros(n, bool)
     ref[order[:k]] = True
     np.testing.assert_array_equal(np.asarray(select(jnp.asarray(s), k)), ref)
+
+
+# Inputs of at least 16 * SAMPLE_SIZE entries take the sampled bracket first.
+_LARGE = (257, 300)  # 77,100 entries, not a multiple of the sample stride
+_topk_traced = jax.jit(topk_mask)
+
+
+def _reference_topk(s, k):
+  flat = np.asarray(s, np.float32).reshape(-1)
+  key = np.where(np.isnan(flat), -np.inf, flat)  # NaN lowest (below -inf: by index after it)
+  order = np.lexsort((np.arange(flat.size), np.isnan(flat), -key))
+  ref = np.zeros(flat.size, bool)
+  ref[order[:k]] = True
+  return ref
+
+
+_KINDS = ["normal", "ties", "masked", "nan_inf", "periodic", "constant"]
+
+
+def _large_scores(kind, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=_LARGE).astype(np.float32)
+  if kind == "ties":  # few levels: the bracket holds whole tie groups
+    x = np.round(x * 2).astype(np.float32)
+  elif kind == "masked":  # most entries excluded at -inf, as the DST selections
+    x = np.where(rng.random(_LARGE) < 0.9, -np.inf, np.abs(x)).astype(np.float32)
+  elif kind == "nan_inf":
+    r = rng.random(_LARGE)
+    x[r < 0.05] = np.nan
+    x[(r >= 0.05) & (r < 0.08)] = np.inf
+    x[(r >= 0.08) & (r < 0.1)] = -np.inf
+  elif kind == "periodic":  # a pattern with the period of the sample stride
+    x = np.where(np.arange(x.size).reshape(_LARGE) % 16 == 0, 5.0, x).astype(np.float32)
+  elif kind == "constant":
+    x = np.full(_LARGE, 0.25, np.float32)
+  return x
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(_KINDS), seed=st.integers(0, 2**16), k_frac=st.floats(0.0, 1.0))
+def test_sampled_bracket_selection_is_exact(kind, seed, k_frac):
+  """Large inputs (sampled bracket, then bisection inside it, or the full range
+  where a sampled bound fails) select exactly the stable-sort top k."""
+  x = _large_scores(kind, seed)
+  k = int(round(k_frac * x.size))
+  m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
+  assert m.sum() == k
+  np.testing.assert_array_equal(m, _reference_topk(x, k))
+
+
+def test_sampled_bracket_edges_of_k_and_joint_selection():
+  x = _large_scores("normal", 0)
+  for k in (0, 1, 2, x.size - 1, x.size):
+    m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
+    np.testing.assert_array_equal(m, _reference_topk(x, k))
+  a, b = x[:100], x[100:]  # jointly over two leaves = over their concatenation
+  for k in (10, 5000, 40_000):
+    ma, mb = topk_masks([jnp.asarray(a), jnp.asarray(b)], k)
+    joint = np.concatenate([np.asarray(ma).ravel(), np.asarray(mb).ravel()])
+    np.testing.assert_array_equal(joint, _reference_topk(x.reshape(-1), k))
+
+
+def test_sampled_bracket_bounds_hold_the_kth_key():
+  from jaxprune import topk
+
+  x = np.abs(_large_scores("normal", 3))  # magnitudes, as pruning ranks them
+  keys = [topk._sortable(jnp.asarray(x))]
+  count = lambda pred: sum(jnp.sum(pred(i, key), dtype=jnp.float32) for i, key in enumerate(keys))
+  flat = np.sort(np.asarray(keys[0]).reshape(-1))[::-1]
+  for k in (1, 7_710, 38_550, 77_099):
+    lo, c_lo, top, c_up, _ = topk._sampled_bracket(keys, jnp.float32(k), x.size, count)
+    kth = flat[k - 1]
+    assert int(lo) <= kth <= int(top)
+    assert int(c_lo) == int((flat >= int(lo)).sum()) >= k
+    assert int(c_up) == int((flat >= int(top) + 1).sum()) < k
+    if 0.05 < k / x.size < 0.95:  # the sample narrows a continuous distribution
+      assert int(top) - int(lo) < 2**22

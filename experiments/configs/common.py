@@ -23,20 +23,13 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
-# Keys of `jaxprune.create(config.algorithm, **kwargs)` (plus `seed`).
-ALGORITHM_KEYS = (
-  "sparsity",
-  "distribution",
-  "include",
-  "start_step",
-  "end_step",
-  "update_every",
-  "drop_fraction",
-  "sparsity_type",
-  "initial_sparsity",
-  "power",
-  "axis",
-)
+import jaxprune
+
+# Keys of `jaxprune.create(config.algorithm, **kwargs)`: every key the library
+# accepts (`jaxprune.config_keys()`), less `seed` (the run's own seed, passed too)
+# and `masks` (arrays, for `fixed`; not a config value).
+NOT_ALGORITHM_CONFIG_KEYS = ("seed", "masks")
+ALGORITHM_KEYS = tuple(k for k in jaxprune.config_keys() if k not in NOT_ALGORITHM_CONFIG_KEYS)
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -100,6 +93,16 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   c.initial_sparsity = config_dict.placeholder(float)  # gradual_magnitude only.
   c.power = config_dict.placeholder(float)  # gradual_magnitude only.
   c.axis = config_dict.placeholder(int)  # grouping axis of a structured sparsity_type.
+  c.decay = config_dict.placeholder(float)  # sr_ste only.
+  # set / rigl only: "zeros" | "random" | a float std written as a string ("0.01").
+  c.grow_init = config_dict.placeholder(str)
+  c.drop_schedule = config_dict.placeholder(str)  # cosine | cosine_from_start | constant
+  c.reference = config_dict.placeholder(bool)  # the reference code's rules (docs/dst_reference.md)
+  c.regrow_dropped = config_dict.placeholder(bool)
+  c.skip_optimizer_step = config_dict.placeholder(bool)
+  c.update_at_ends = config_dict.placeholder(bool)
+  # Not a jaxprune.create key: jaxprune.rescale_init on the first masked params.
+  c.rescale_init = False
   return c
 
 
@@ -115,6 +118,11 @@ def create_kwargs(config: Any) -> dict:
   library's defaults apply), plus `seed`.
   """
   kwargs = {k: config[k] for k in ALGORITHM_KEYS if config.get(k) is not None}
+  if isinstance(kwargs.get("grow_init"), str) and kwargs["grow_init"] not in ("zeros", "random"):
+    try:  # a float std given on the command line as a string
+      kwargs["grow_init"] = float(kwargs["grow_init"])
+    except ValueError:
+      pass  # jaxprune.create names the bad value
   if config.get("seed") is not None:
     kwargs["seed"] = int(config["seed"])
   return kwargs

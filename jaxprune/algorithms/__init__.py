@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from jaxprune.algorithms.base import Algorithm
+from jaxprune.algorithms.dst import EXTRA_KEYS as DST_KEYS
 from jaxprune.algorithms.dst import rigl, set_
-from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
-from jaxprune.algorithms.random import dense, fixed, random, static
+from jaxprune.algorithms.magnitude import (
+  GRADUAL_KEYS,
+  global_magnitude,
+  gradual_magnitude,
+  magnitude,
+)
+from jaxprune.algorithms.random import FIXED_KEYS, dense, fixed, random, static
 from jaxprune.algorithms.saliency import global_saliency, saliency
-from jaxprune.algorithms.ste import sr_ste, ste
+from jaxprune.algorithms.ste import SR_STE_KEYS, sr_ste, ste
+from jaxprune.config import COMMON_KEYS, STRUCTURED_KEYS
 
 REGISTRY: dict[str, Callable[..., Algorithm]] = {
   "dense": dense,
@@ -30,9 +37,32 @@ REGISTRY: dict[str, Callable[..., Algorithm]] = {
 ``register``."""
 
 
-def register(name: str, factory: Callable[..., Algorithm]) -> None:
-  """Adds an algorithm under ``name`` (``factory(**config) -> Algorithm``)."""
+# Config keys each algorithm accepts beyond COMMON_KEYS and STRUCTURED_KEYS: the
+# same dicts its factory validates with, so this table cannot drift from them.
+EXTRA_KEYS: dict[str, tuple[str, ...]] = {
+  "gradual_magnitude": tuple(GRADUAL_KEYS),
+  "saliency": tuple(GRADUAL_KEYS),
+  "fixed": tuple(FIXED_KEYS),
+  "sr_ste": tuple(SR_STE_KEYS),
+  "set": tuple(DST_KEYS),
+  "rigl": tuple(DST_KEYS),
+}
+
+
+def register(name: str, factory: Callable[..., Algorithm], keys: Iterable[str] = ()) -> None:
+  """Adds an algorithm under ``name`` (``factory(**config) -> Algorithm``);
+  ``keys``: the config keys it accepts beyond the common ones."""
   REGISTRY[name] = factory
+  EXTRA_KEYS[name] = tuple(keys)
+
+
+def config_keys(name: str | None = None) -> tuple[str, ...]:
+  """Config keys ``jaxprune.create(name, ...)`` accepts; with no name, the
+  union over every registered algorithm (what an experiment config may set)."""
+  if name is not None and name not in REGISTRY:
+    raise ValueError(f"unknown algorithm {name!r}; valid names are: {', '.join(sorted(REGISTRY))}")
+  extras = EXTRA_KEYS.get(name, ()) if name is not None else sum(EXTRA_KEYS.values(), ())
+  return tuple(dict.fromkeys((*COMMON_KEYS, *STRUCTURED_KEYS, *extras)))
 
 
 def create(name: str, **config) -> Algorithm:

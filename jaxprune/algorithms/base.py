@@ -38,6 +38,11 @@ class Algorithm(NamedTuple):
       or ``(step, params, old_masks) -> values``, a tree like ``params``:
       entries added on an update step start at these values (SET/RigL
       ``grow_init``); their inner optimizer state still restarts at zero.
+    skip_optimizer_step: False (the default: a mask-update step also takes
+      the inner optimizer step, under the new masks), or True: on a
+      mask-update step the parameters change only where the new masks prune
+      (to 0.0) or grow (to ``grow_values``), and the inner state is kept, zeroed
+      at pruned entries (the reference RigL code, ``reference=True``).
   """
 
   name: str
@@ -49,6 +54,7 @@ class Algorithm(NamedTuple):
   flops_schedule: Callable = constant_sparsity
   straight_through: Callable | None = None
   grow_values: Callable | None = None
+  skip_optimizer_step: bool = False
 
 
 def never(step):

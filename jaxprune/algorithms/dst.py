@@ -24,10 +24,35 @@ larger standard deviation (measured in ``docs/results/toolbox.md``); a float
 ``grow_init`` is a fixed scale and does not ratchet.
 
 Non-finite scores never win: a NaN weight ranks below every finite active
-weight for keeping, and NaN or inf gradients rank below every finite gradient
-for growth, so masks stay valid (counts unchanged) whatever the gradients hold.
+weight for keeping, and nothing is ever grown at a NaN or inf growth score:
+``n_drop`` is also capped at the number of inactive positions with a finite
+score, so masks stay valid (counts unchanged) whatever the gradients hold.
 With ``sparsity=0`` every mask is all True, nothing can be grown, and training
 is dense.
+
+Reference rules (``reference=True``). The code of the RigL paper
+(google-research/rigl, ``sparse_optimizers_base.py``) and
+google-research/jaxpruner (``sparse_trainers.py``, ``base_updater.py``,
+``sparsity_schedules.py``) differ from the defaults above in three ways, each
+also a key of its own (``reference`` sets the ones not given):
+
+* ``regrow_dropped``: growth ranks every position that is not kept, so a
+  connection dropped in this update can be regrown at once, keeping its value
+  and optimizer state (the default grows only where the mask was off, the
+  public contract, so that every update really replaces ``n_drop``
+  connections);
+* ``skip_optimizer_step``: a mask-update step changes the masks only; the inner
+  optimizer does not step and its state is kept (zeroed at the entries the new
+  masks prune, as on every step);
+* ``update_at_ends``: updates at ``start_step`` (also step 0) and at
+  ``end_step`` too, ``start_step <= t <= end_step``; the default updates only
+  where ``0 < t`` and ``start_step <= t < end_step``.
+
+The drop fraction's cosine decay ``t / end_step`` is the paper's formula and
+jaxpruner's (``optax.cosine_decay_schedule(d, end_step)`` of the absolute
+step), so ``reference`` leaves ``drop_schedule`` alone; ``"cosine_from_start"``
+decays over ``(t - start_step) / (end_step - start_step)`` instead (the two
+agree for ``start_step=0``). See ``docs/dst_reference.md``.
 """
 
 from __future__ import annotations
@@ -45,6 +70,19 @@ from jaxprune.rounding import floor_product
 
 DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
 
+# Keys of ``set``/``rigl`` beyond jaxprune.config.COMMON_KEYS, with their defaults
+# (None: follows ``reference``).
+EXTRA_KEYS = dict(
+  grow_init="zeros",
+  drop_schedule="cosine",
+  reference=False,
+  regrow_dropped=None,
+  skip_optimizer_step=None,
+  update_at_ends=None,
+)
+DROP_SCHEDULES = ("cosine", "cosine_from_start", "constant")
+REFERENCE_FLAGS = ("regrow_dropped", "skip_optimizer_step", "update_at_ends")
+
 
 class DSTState(NamedTuple):
   """Telemetry of the last mask update (readable inside and outside jit).
@@ -61,31 +99,40 @@ class DSTState(NamedTuple):
   updates: jax.Array
 
 
-def _finite_or(x, fill):
-  return jnp.where(jnp.isfinite(x), x, jnp.float32(fill))
-
-
-def replace_connections(mask, weights, grow_scores, drop_fraction):
+def replace_connections(mask, weights, grow_scores, drop_fraction, regrow_dropped=False):
   """One SET/RigL update of a single leaf's mask.
 
   Args:
     mask: bool array, the active connections.
     weights: the leaf's parameters (drop the smallest ``|w|`` among active).
-    grow_scores: growth priority (higher first), consulted only at positions
-      inactive in ``mask``.
+    grow_scores: growth priority (higher ``|score|`` first), consulted only at
+      positions inactive in ``mask`` (or, with ``regrow_dropped``, at every
+      position not kept).
     drop_fraction: fraction of active connections to replace (scalar).
+    regrow_dropped: the reference rule: a connection dropped in this update
+      may be grown again at once.
 
   Returns:
-    ``(new_mask, n_replaced)`` with ``sum(new_mask) == sum(mask)``.
+    ``(new_mask, n_replaced)`` with ``sum(new_mask) == sum(mask)``. Nothing is
+    grown at a non-finite ``grow_scores`` entry that was inactive: ``n_drop``
+    is capped at the number of inactive positions with a finite score (with
+    ``regrow_dropped``, a dropped entry with a non-finite score may take its
+    own place back, ranked below every finite score).
   """
-  n = mask.size
   n_active = jnp.sum(mask, dtype=jnp.int32)
   n_drop = floor_product(drop_fraction, n_active)  # exact for any n_active
-  n_drop = jnp.minimum(n_drop, n - n_active)
+  score = jnp.abs(grow_scores).astype(jnp.float32)
+  finite = jnp.isfinite(score)
+  if not regrow_dropped:
+    n_drop = jnp.minimum(n_drop, jnp.sum(~mask & finite, dtype=jnp.int32))
   magnitude = jnp.abs(weights).astype(jnp.float32)
   keep_scores = jnp.where(mask, jnp.where(jnp.isnan(magnitude), -1.0, magnitude), -jnp.inf)
   kept = topk.topk_mask(keep_scores, n_active - n_drop)
-  grow = jnp.where(mask, -jnp.inf, _finite_or(jnp.abs(grow_scores).astype(jnp.float32), -1.0))
+  excluded = kept if regrow_dropped else mask
+  # finite scores first; then (regrow_dropped) dropped entries, which only take
+  # their own places back; never an inactive entry at a non-finite score.
+  fallback = jnp.where(mask, -1.0, -2.0)
+  grow = jnp.where(excluded, -jnp.inf, jnp.where(finite, score, fallback))
   grown = topk.topk_mask(grow, n_drop)
   return kept | grown, n_drop
 
@@ -132,22 +179,50 @@ def _check_dst_keys(cfg):
       raise ValueError(f"grow_init must be 'zeros', 'random' or a float std, got {grow_init!r}")
   elif isinstance(grow_init, bool) or not isinstance(grow_init, (int, float)) or grow_init < 0:
     raise ValueError(f"grow_init must be 'zeros', 'random' or a float std >= 0, got {grow_init!r}")
-  if cfg["drop_schedule"] not in ("cosine", "constant"):
-    raise ValueError(f"drop_schedule must be 'cosine' or 'constant', got {cfg['drop_schedule']!r}")
+  if cfg["drop_schedule"] not in DROP_SCHEDULES:
+    raise ValueError(
+      f"drop_schedule must be one of {', '.join(map(repr, DROP_SCHEDULES))}, "
+      f"got {cfg['drop_schedule']!r}"
+    )
+  for key in ("reference", *REFERENCE_FLAGS):
+    if cfg[key] is not None and not isinstance(cfg[key], bool):
+      raise TypeError(f"{key} must be True or False, got {cfg[key]!r}")
+  for key in REFERENCE_FLAGS:  # unset flags follow ``reference``
+    cfg[key] = bool(cfg["reference"]) if cfg[key] is None else cfg[key]
+  if cfg["regrow_dropped"] and cfg["sparsity_type"] != "unstructured":
+    raise ValueError(
+      f"regrow_dropped (set by reference=True) supports only sparsity_type='unstructured', "
+      f"got sparsity_type={cfg['sparsity_type']!r}"
+    )
+
+
+def _drop_schedule(cfg):
+  d, t0, t1 = cfg["drop_fraction"], cfg["start_step"], cfg["end_step"]
+  if cfg["drop_schedule"] == "constant":
+    return schedules.constant(d)
+  if cfg["drop_schedule"] == "cosine_from_start":
+    cosine = schedules.cosine_drop_fraction(d, t1 - t0)
+    return lambda step: cosine(jnp.asarray(step) - t0)
+  return schedules.cosine_drop_fraction(d, t1)
+
+
+def _is_update_step(cfg):
+  """Mask-update steps: every ``update_every`` from ``start_step``, with
+  ``0 < t < end_step`` (default) or ``t <= end_step`` (``update_at_ends``)."""
+  t0, t1, every = cfg["start_step"], cfg["end_step"], cfg["update_every"]
+  if cfg["update_at_ends"]:
+    return lambda step: (step >= t0) & (step <= t1) & ((step - t0) % every == 0)
+  return lambda step: (step > 0) & (step >= t0) & (step < t1) & ((step - t0) % every == 0)
 
 
 def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> base.Algorithm:
-  cfg = config_lib.validate(
-    name, config, DEFAULTS, extra_keys=dict(grow_init="zeros", drop_schedule="cosine")
-  )
+  cfg = config_lib.validate(name, config, DEFAULTS, extra_keys=EXTRA_KEYS)
   config_lib.require_sparsity(name, cfg)
   config_lib.require(name, cfg, "end_step")
   _check_dst_keys(cfg)
-  t0, t1, every = cfg["start_step"], cfg["end_step"], cfg["update_every"]
-  if cfg["drop_schedule"] == "constant":
-    drop_schedule = schedules.constant(cfg["drop_fraction"])
-  else:
-    drop_schedule = schedules.cosine_drop_fraction(cfg["drop_fraction"], t1)
+  drop_schedule = _drop_schedule(cfg)
+  is_update_step = _is_update_step(cfg)
+  regrow_dropped = cfg["regrow_dropped"]
 
   def init(params):
     # Every selected leaf gets a full-shape mask, also one that ERK leaves
@@ -158,9 +233,6 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
     masks = base.select(cfg, scores, pruned, base.keep_counts(cfg, params, sparsities))
     changed = jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params)
     return masks, DSTState(jnp.float32(cfg["drop_fraction"]), changed, jnp.int32(0))
-
-  def is_update_step(step):
-    return (step > 0) & (step >= t0) & (step < t1) & ((step - t0) % every == 0)
 
   def update(step, params, grads, masks, state):
     d = drop_schedule(step)
@@ -180,7 +252,7 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
           m, w, g, d, cfg["sparsity_type"], cfg["axis"]
         )
       else:
-        new_m, n_drop = replace_connections(m, w, g, d)
+        new_m, n_drop = replace_connections(m, w, g, d, regrow_dropped)
       new_masks.append(new_m)
       changed.append(n_drop.astype(jnp.float32) / jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0))
     return (
@@ -202,6 +274,7 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
     update,
     flops_schedule=schedule,
     grow_values=_grow_values(cfg),
+    skip_optimizer_step=cfg["skip_optimizer_step"],
   )
 
 

@@ -18,6 +18,8 @@ from jaxprune.masks import is_pruned_mask
 from jaxprune.rounding import floor_product
 
 DEFAULTS = dict(distribution="uniform", update_every=100)
+# Keys of ``gradual_magnitude`` (and ``saliency``) beyond the common ones, with defaults.
+GRADUAL_KEYS = dict(initial_sparsity=0.0, power=3.0)
 
 
 _LOWEST = float(np.finfo(np.float32).min)
@@ -63,9 +65,7 @@ def gradual_magnitude(**config) -> base.Algorithm:
   sparsity is reached exactly at ``end_step`` and kept. Extra keys:
   ``initial_sparsity`` (default 0.0), ``power`` (default 3).
   """
-  cfg = config_lib.validate(
-    "gradual_magnitude", config, DEFAULTS, extra_keys=dict(initial_sparsity=0.0, power=3.0)
-  )
+  cfg = config_lib.validate("gradual_magnitude", config, DEFAULTS, extra_keys=GRADUAL_KEYS)
   config_lib.require_sparsity("gradual_magnitude", cfg)
   config_lib.require("gradual_magnitude", cfg, "end_step")
   s_i = config_lib.fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)

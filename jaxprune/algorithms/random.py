@@ -11,6 +11,8 @@ from jaxprune.algorithms import base
 from jaxprune.masks import check_masks, dense_mask, random_scores
 from jaxprune.paths import path_str
 
+FIXED_KEYS = dict(masks=None)  # keys of fixed beyond the common ones
+
 
 def _random_masks(cfg, params, step):
   pruned, sparsities = base.targets(cfg, params)
@@ -80,7 +82,7 @@ def fixed(**config) -> base.Algorithm:
   reported by ``init``. A structure or shape mismatch raises a ValueError
   naming the path.
   """
-  cfg = config_lib.validate("fixed", config, dict(distribution="uniform"), dict(masks=None))
+  cfg = config_lib.validate("fixed", config, dict(distribution="uniform"), FIXED_KEYS)
   given = None if cfg["masks"] is None else _as_bool_masks(cfg["masks"])
 
   def init(params):

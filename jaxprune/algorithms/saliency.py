@@ -14,9 +14,12 @@ import jax
 
 from jaxprune import config as config_lib
 from jaxprune.algorithms import base
-from jaxprune.algorithms.magnitude import DEFAULTS, global_magnitude, gradual_magnitude
-
-_GRADUAL_KEYS = dict(initial_sparsity=0.0, power=3.0)
+from jaxprune.algorithms.magnitude import (
+  DEFAULTS,
+  GRADUAL_KEYS,
+  global_magnitude,
+  gradual_magnitude,
+)
 
 
 def _scored_by_saliency(algo: base.Algorithm, name: str) -> base.Algorithm:
@@ -38,7 +41,7 @@ def saliency(**config) -> base.Algorithm:
   ``end_step`` each leaf keeps its ``n - floor(s_t n)`` highest saliencies among
   the entries still active.
   """
-  cfg = config_lib.validate("saliency", config, DEFAULTS, extra_keys=_GRADUAL_KEYS)
+  cfg = config_lib.validate("saliency", config, DEFAULTS, extra_keys=GRADUAL_KEYS)
   config_lib.require_sparsity("saliency", cfg)
   config_lib.require("saliency", cfg, "end_step")
   algo = gradual_magnitude(**config)

@@ -25,6 +25,7 @@ from jaxprune.algorithms import base
 from jaxprune.masks import is_pruned_mask
 
 SR_STE_DECAY = 2e-4  # λ_W of Zhou et al. 2021
+SR_STE_KEYS = dict(decay=SR_STE_DECAY)  # keys of sr_ste beyond the common ones
 
 
 def straight_through(params, masks):
@@ -103,7 +104,7 @@ def sr_ste(**config) -> base.Algorithm:
     "sr_ste",
     config,
     dict(distribution="uniform", update_every=1),
-    extra_keys=dict(decay=SR_STE_DECAY),
+    extra_keys=SR_STE_KEYS,
   )
   lam = config_lib.fraction("decay", cfg["decay"], 0.0, float("inf"), hi_open=True)
 
