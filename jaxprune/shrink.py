@@ -55,6 +55,7 @@ __all__ = [
   "Shrunk",
   "tie_units",
   "identity_index",
+  "index_from_kept",
   "compact_state",
   "restrict",
   "on_kept_units",
@@ -312,6 +313,31 @@ def identity_index(params, batch_stats=None) -> UnitIndex:
     path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
   }
   return UnitIndex(shapes, {}, {}, {})
+
+
+def index_from_kept(
+  params, kept: Mapping, batch_stats=None, *, layers: Optional[Sequence[str]] = None
+) -> UnitIndex:
+  """The :class:`UnitIndex` of full-size ``params`` keeping ``kept`` units.
+
+  ``kept`` is ``{layer path: original indices of its kept output units}`` (as
+  :meth:`UnitIndex.to_json` records it); layers not listed keep every unit.
+  With :func:`restrict` this rebuilds a compacted state's shapes, e.g. the
+  restore target of a checkpoint written after a compaction.
+  """
+  params = _to_dict(params)
+  chain = _chain(params, layers)
+  names = {lin for lin, _ in chain}
+  for name in kept:
+    if name not in names:
+      raise ValueError(f"index_from_kept: {name!r} is not a Dense/Conv layer of the chain")
+  kept = {k: np.asarray(v, np.int64) for k, v in kept.items()}
+  params_axes, stats_axes = _current_axes(params, chain, kept)
+  full = identity_index(params).full_shapes
+  kept_all = {
+    lin: kept.get(lin, np.arange(np.shape(_get(params, lin)["kernel"])[-1])) for lin, _ in chain
+  }
+  return UnitIndex(full, params_axes, stats_axes, kept_all)
 
 
 def _current_axes(params, chain, kept: dict):
