@@ -310,6 +310,9 @@ class Run:
           self.checkpointer.save(self.step, self.state, self.config, extra=self._meta())
         if stop_at is not None and self.step >= stop_at:
           until = self.step
+          if self.checkpointer is not None:
+            jax.block_until_ready(self.state)
+            self.checkpointer.save(self.step, self.state, self.config, extra=self._meta())
       jax.block_until_ready(self.state)
       if self.step > first:
         self.chunk_times.append((first, self.step, time.perf_counter() - t_steps))
@@ -458,6 +461,11 @@ def run(args, config, out=None) -> dict:
       for r in runs if i % 2 == 0 else runs[::-1]:
         if r.step < hi:
           r.advance(hi, stop_at=args.stop_at if r.name == "shrink" else None)
+      if (i + 1) % 10 == 0 or hi == steps:
+        say(
+          f"[shrink] step {hi}: "
+          + ", ".join(f"{r.name} {r.wall_s:.1f} s (compile {r.compile_s:.1f} s)" for r in runs)
+        )
       if args.stop_at is not None and runs[-1].step >= args.stop_at:
         say(f"[shrink] stopped at step {runs[-1].step}")
         return {"stopped_at": runs[-1].step}
