@@ -427,14 +427,14 @@ def run(args, config, out=None) -> dict:
   say = lambda *a: print(*a, file=out, flush=True)
   mesh = shd.make_mesh(False)
   shd.check_batch_size(int(config.batch_size), mesh)
-  spec = data.get_spec(config)
-  train_source = train.load_split(config, spec.train_split)
-  test_source = train.load_split(config, spec.eval_split)
   steps = int(config.steps)
 
-  # Validate everything before training: the model must be a chain compact handles.
-  model = models.get_model(config, num_classes=train_source.num_classes)
-  variables = models.init_variables(model, jax.random.PRNGKey(0), data.input_shape(config))
+  # Validate before reading data: the model must be a chain compact handles.
+  model = models.get_model(config)
+  shapes = jax.eval_shape(
+    lambda: models.init_variables(model, jax.random.PRNGKey(0), data.input_shape(config))
+  )
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   algorithm = shrink_algorithm(
     config, variables["params"], args.target, args.schedule, args.sparsity_type
   )
@@ -445,6 +445,15 @@ def run(args, config, out=None) -> dict:
   )
   resized(model, [1] * 8)
   del variables, probe
+
+  spec = data.get_spec(config)
+  train_source = train.load_split(config, spec.train_split)
+  test_source = train.load_split(config, spec.eval_split)
+  if train_source.num_classes != model.num_classes:
+    raise train.ConfigError(
+      f"config.num_classes={config.num_classes} but the dataset has "
+      f"{train_source.num_classes} classes"
+    )
 
   checkpointer = ckpt.Checkpointer(args.workdir) if args.workdir else None
   say(

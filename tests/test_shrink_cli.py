@@ -43,22 +43,15 @@ KEYS = {
 }
 
 
-def _run_cli(*extra, env=None):
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.shrink", *TINY, "--chunk=10", "--rounds=2", *extra],
-    cwd=REPO,
-    env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  return out
+def _main(capsys, *argv):
+  code = shrink.main(["prog", *argv])
+  return code, capsys.readouterr()
 
 
-def test_cli_prints_json_and_shrinks():
-  out = _run_cli()
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_cli_prints_json_and_shrinks(capsys):
+  code, out = _main(capsys, *TINY, "--chunk=10", "--rounds=2")
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
   assert KEYS <= set(result)
   assert [c["step"] for c in result["compactions"]] == [15, 25]
   assert result["widths_before"] == [4, 8, 16]
@@ -68,30 +61,17 @@ def test_cli_prints_json_and_shrinks():
   assert result["compactions"][-1]["masks_dropped"] is True
 
 
-def test_cli_rejects_compaction_before_the_schedule():
-  out = _run_cli("--compact_at=0.0,0.5")
-  assert out.returncode == 2
-  assert "compact_at=0.0 is at or before the pruning schedule starts" in out.stderr
+def test_cli_rejects_compaction_before_the_schedule(capsys):
+  code, out = _main(capsys, *TINY, "--compact_at=0.0,0.5")
+  assert code == 2
+  assert "compact_at=0.0 is at or before the pruning schedule starts" in out.err
 
 
-def test_cli_rejects_a_model_compact_cannot_handle():
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.shrink",
-      f"--config={os.path.join(REPO, 'experiments', 'configs', 'cifar10_resnet18.py')}",
-      "--config.dataset=digits",
-      "--config.steps=20",
-    ],
-    cwd=REPO,
-    env={**os.environ, "PYTHONPATH": REPO},
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert out.returncode == 2
-  assert "error: compact:" in out.stderr and "not an auto-named" in out.stderr
+def test_cli_rejects_a_model_compact_cannot_handle(capsys):
+  config = os.path.join(REPO, "experiments", "configs", "cifar10_resnet18.py")
+  code, out = _main(capsys, f"--config={config}", "--config.steps=20")
+  assert code == 2
+  assert "error: compact:" in out.err and "not an auto-named" in out.err, out.err
 
 
 def _setup(argv):
