@@ -146,6 +146,7 @@ class Run:
     self.train_source = train_source
     self.algorithm = algorithm
     self.compact_steps = sorted(compact_steps)
+    self._all_compact_steps = list(self.compact_steps)
     self.checkpointer = checkpointer
     self.schedule = common.learning_rate_schedule(config)
     self.model = models.get_model(config, num_classes=train_source.num_classes)
@@ -222,11 +223,19 @@ class Run:
     }
     return shd.put_batch(batch, self.mesh)
 
+  def _recipe(self) -> dict:
+    """What defines the shrink run beyond the config (checked on resume)."""
+    keys = ("sparsity", "sparsity_type", "include", "start_step", "end_step", "update_every")
+    cfg = self.algorithm.config if self.algorithm is not None else {}
+    return {
+      "algorithm": {k: cfg.get(k) for k in keys},
+      "compact_steps": [int(s) for s in self._all_compact_steps],
+    }
+
   def _meta(self) -> dict:
     kept = self.index.to_json() if self.index is not None else {}
-    return {
-      "shrink": {"kept": kept, "dense_mode": bool(self.dense_mode and self.algorithm is not None)}
-    }
+    dense_mode = bool(self.dense_mode and self.algorithm is not None)
+    return {"shrink": {"kept": kept, "dense_mode": dense_mode, **self._recipe()}}
 
   def _restore(self, tx):
     """Restores the newest checkpoint (its compacted shapes rebuilt); returns the tx."""
@@ -237,6 +246,14 @@ class Run:
     meta = self.checkpointer.read_meta(step)
     ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
     saved = meta.get("shrink", {})
+    recipe = self._recipe()
+    for key in recipe:
+      if saved.get(key) != recipe[key]:
+        raise ckpt.ConfigMismatchError(
+          f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
+          f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
+          "--compact_at or --sparsity_type differ); use another --workdir"
+        )
     host = jax.device_get(self.state)
     if saved.get("kept"):
       self.index = shrink.index_from_kept(host.params, saved["kept"], host.batch_stats)

@@ -105,6 +105,9 @@ def test_resume_after_a_compaction_is_bit_identical(tmp_path):
   resumed.advance(30)
   resumed.checkpointer.close()
   assert len(resumed.compactions) == 1  # the one at 25
+  other = algo._replace(config={**algo.config, "sparsity": 0.5})
+  with pytest.raises(ckpt.ConfigMismatchError, match="sparsity"):
+    shrink.Run("shrink", config, mesh, source, other, steps, ckpt.Checkpointer(str(tmp_path)))
   a, b = jax.device_get(straight.state), jax.device_get(resumed.state)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
