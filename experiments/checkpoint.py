@@ -217,11 +217,19 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: Any, config: Any) -> bool:
-    """Writes a checkpoint at `step`; False (nothing written) if it exists."""
+  def save(self, step: int, state: Any, config: Any, extra: Mapping | None = None) -> bool:
+    """Writes a checkpoint at `step`; False (nothing written) if it exists.
+
+    `extra`: more JSON-ready entries for the "meta" item (e.g. the current
+    shapes of a model compacted during training), read back by `read_meta`.
+    """
     if step in self.all_steps():
       return False
     meta = {"format": FORMAT, "step": int(step), "config": config_dict(config)}
+    for key, value in (extra or {}).items():
+      if key in meta:
+        raise ValueError(f"checkpoint meta key {key!r} is reserved")
+      meta[key] = value
     self._manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

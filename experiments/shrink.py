@@ -1,0 +1,561 @@
+"""Shrink while training, against dense training of the same model, side by side.
+
+    python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
+        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--seed=0] [--config.KEY=VALUE ...]
+
+Two runs of the config's model, optimizer, learning-rate schedule, data order
+and number of steps, with the same seed:
+
+- dense: the plain model (`jaxprune.create("dense")`);
+- shrink: gradual neuron/channel pruning by magnitude to `--target` of the
+  units of every hidden layer (the output layer is kept whole) on the cubic
+  schedule of Zhu & Gupta (2017) from `--schedule` (fractions of the steps,
+  default 10% to 60% as in the fmnist_mlp recipe), a mask update every
+  `update_every` steps (the config's, default 100). Each unit's bias and
+  BatchNorm parameters are pruned with it (`jaxprune.shrink.tie_units`). After
+  the mask updates at the `--compact_at` fractions of the schedule the run
+  removes the pruned units from params, BatchNorm statistics and optimizer state
+  (`jaxprune.shrink.compact_state`; Adam moments and momentum are sliced, not
+  reset), rebuilds the model with the new widths, compiles the step for the new
+  shapes and goes on. The schedule keeps the original widths' keep counts
+  (`jaxprune.shrink.on_kept_units`). After the last compaction of a finished
+  schedule the masks are dropped (`jaxprune.shrink.without_masks`): the small
+  model trains like a dense one.
+
+Timing. Both runs live in one process and advance in turns of `--chunk` steps
+(A B, B A, A B, ...), so background load hits both alike. A run's wall-clock
+`*_wall_s` is everything its training costs: initialisation, every compilation
+(timed separately as `*_compile_s`; steps are compiled ahead of time), batches,
+steps and compactions; evaluation is left out. `speedup_wall` = dense / shrink.
+`speedup_after_last_compaction` compares the step time of both runs over the
+steps after the last compaction (compiles excluded); `ideal_speedup_flops` is
+the ratio of training FLOPs (forward FLOPs of the model in use at each step, the
+backward pass being a fixed multiple), what the speedup would be if time
+followed FLOPs. `inference_speedup` is the median latency ratio of the final
+dense and shrunk models at batch 256 (jitted, interleaved).
+
+Checkpoints (with `--workdir`): the shrink run saves its state every
+`checkpoint_every` steps and at the end; the checkpoint's meta records the kept
+units of every layer, so a rerun rebuilds the compacted shapes, restores and
+continues bit-identically (the dense run is not checkpointed).
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxprune
+from experiments import checkpoint as ckpt
+from experiments import data, models, train
+from experiments import sharding as shd
+from experiments.configs import common
+from jaxprune import shrink
+from jaxprune.compact import infer_layers
+
+DEFAULT_COMPACT_AT = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_SCHEDULE = (0.1, 0.6)
+INFERENCE_BATCH = 256
+
+
+# ------------------------------------------------------------------- the model
+
+
+def hidden_layers(params) -> list[str]:
+  """The Dense/Conv layers of the chain except the output layer.
+
+  Raises ValueError (from :func:`jaxprune.compact.infer_layers`) naming a layer
+  that is not part of a plain Dense/Conv(-BatchNorm) chain.
+  """
+  names = [n for n in infer_layers(params) if "kernel" in params[n]]
+  return names[:-1]
+
+
+def resized(model, widths: Sequence[int]):
+  """`model` rebuilt with the hidden widths of a compaction (`Shrunk.widths`)."""
+  if isinstance(model, models.CNN):
+    n = len(model.channels)
+    return model.clone(channels=tuple(int(w) for w in widths[:n]), hidden=int(widths[n]))
+  if isinstance(model, models.MLP):
+    return model.clone(features=tuple(int(w) for w in widths[:-1]))
+  raise ValueError(
+    f"shrink: cannot rebuild a {type(model).__name__} with new widths; supported models: "
+    "MLP and CNN (plain Dense/Conv-BatchNorm chains)"
+  )
+
+
+def shrink_algorithm(config, params, target: float, schedule: Sequence[float], sparsity_type: str):
+  """Tied gradual magnitude pruning of every hidden layer's units."""
+  steps = int(config.steps)
+  start, end = (int(round(f * steps)) for f in schedule)
+  layers = hidden_layers(params)
+  include = "^(" + "|".join(re.escape(n) for n in layers) + ")/kernel$"
+  algo = jaxprune.create(
+    "gradual_magnitude",
+    sparsity=float(target),
+    sparsity_type=sparsity_type,
+    include=include,
+    start_step=start,
+    end_step=end,
+    update_every=int(config.update_every or 100),
+  )
+  return shrink.tie_units(algo)
+
+
+def forward_flops(model, params, batch_stats, input_shape) -> int:
+  variables = lambda p: {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}
+  apply = lambda p, x: model.apply(variables(p), x, train=False)
+  return int(jaxprune.flops(apply, params, None, jnp.zeros((1, *input_shape))).dense)
+
+
+def count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+# -------------------------------------------------------------------- one run
+
+
+class Run:
+  """One training run that advances in chunks and times itself.
+
+  Args:
+    name: "dense" or "shrink".
+    config: the experiment config.
+    mesh: the device mesh.
+    algorithm: the (tied) pruning algorithm, or None for dense training.
+    compact_steps: counts of completed steps after which to compact.
+    checkpointer: where to save (and resume) the run, or None.
+  """
+
+  def __init__(
+    self, name, config, mesh, train_source, algorithm=None, compact_steps=(), checkpointer=None
+  ):
+    t0 = time.perf_counter()
+    self.name, self.config, self.mesh = name, config, mesh
+    self.train_source = train_source
+    self.algorithm = algorithm
+    self.compact_steps = sorted(compact_steps)
+    self._all_compact_steps = list(self.compact_steps)
+    self.checkpointer = checkpointer
+    self.schedule = common.learning_rate_schedule(config)
+    self.model = models.get_model(config, num_classes=train_source.num_classes)
+    self.input_shape = data.input_shape(config)
+    self.index = None
+    self.dense_mode = algorithm is None
+    self.wall_s = self.compile_s = 0.0
+    self.compactions: list[dict] = []
+    self.phases: list[dict] = []  # [{"from": step, "model": ..., "params": ...}]
+    self.chunk_times: list[tuple[int, int, float]] = []  # (first, last, seconds) of steps only
+    tx = self._tx(algorithm)
+    init = train.make_init(self.model, tx, self.input_shape)
+    shapes = jax.eval_shape(init.state, jax.random.PRNGKey(0))
+    self.state = train.initial_state(init, int(config.seed), shd.state_shardings(shapes, mesh))
+    self.full_params, self.full_stats = self.state.params, self.state.batch_stats
+    self.step = 0
+    if checkpointer is not None:
+      tx = self._restore(tx)
+    self._compile(tx)
+    self.batches = data.train_batches(config, start_step=self.step, source=train_source)
+    jax.block_until_ready(self.state)
+    self.wall_s += time.perf_counter() - t0
+
+  # -- pieces
+
+  def _tx(self, algorithm):
+    inner = common.optimizer(self.config, self.schedule)
+    if algorithm is None:
+      return jaxprune.sparsify(inner, jaxprune.create("dense"))
+    return jaxprune.sparsify(inner, algorithm)
+
+  def _compile(self, tx) -> float:
+    t0 = time.perf_counter()
+    shardings = shd.state_shardings(self.state, self.mesh)
+    self.state = jax.device_put(self.state, shardings)
+    fn = train.make_train_step(
+      self.model,
+      tx,
+      self.schedule,
+      self.train_source.num_classes,
+      float(self.config.label_smoothing),
+    )
+    batch = jax.ShapeDtypeStruct(
+      (int(self.config.batch_size), *self.input_shape),
+      jnp.float32,
+      sharding=shd.batch_sharding(self.mesh),
+    )
+    labels = jax.ShapeDtypeStruct(
+      (int(self.config.batch_size),), jnp.int32, sharding=shd.batch_sharding(self.mesh)
+    )
+    jitted = jax.jit(
+      fn,
+      in_shardings=(shardings, shd.batch_sharding(self.mesh)),
+      out_shardings=(shardings, shd.replicated(self.mesh)),
+      donate_argnums=0,
+    )
+    self.step_fn = jitted.lower(self.state, {"image": batch, "label": labels}).compile()
+    seconds = time.perf_counter() - t0
+    self.compile_s += seconds
+    self.phases.append(
+      {
+        "from": self.step,
+        "model": self.model,
+        "params": self.state.params,
+        "batch_stats": self.state.batch_stats,
+      }
+    )
+    return seconds
+
+  def _put(self, batch):
+    batch = {
+      "image": np.asarray(batch["image"], np.float32),
+      "label": np.asarray(batch["label"], np.int32),
+    }
+    return shd.put_batch(batch, self.mesh)
+
+  def _recipe(self) -> dict:
+    """What defines the shrink run beyond the config (checked on resume)."""
+    keys = ("sparsity", "sparsity_type", "include", "start_step", "end_step", "update_every")
+    cfg = self.algorithm.config if self.algorithm is not None else {}
+    return {
+      "algorithm": {k: cfg.get(k) for k in keys},
+      "compact_steps": [int(s) for s in self._all_compact_steps],
+    }
+
+  def _meta(self) -> dict:
+    kept = self.index.to_json() if self.index is not None else {}
+    dense_mode = bool(self.dense_mode and self.algorithm is not None)
+    return {"shrink": {"kept": kept, "dense_mode": dense_mode, **self._recipe()}}
+
+  def _restore(self, tx):
+    """Restores the newest checkpoint (its compacted shapes rebuilt); returns the tx."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return tx
+    self.checkpointer.verify(step)
+    meta = self.checkpointer.read_meta(step)
+    ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
+    saved = meta.get("shrink", {})
+    recipe = self._recipe()
+    for key in recipe:
+      if saved.get(key) != recipe[key]:
+        raise ckpt.ConfigMismatchError(
+          f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
+          f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
+          "--compact_at or --sparsity_type differ); use another --workdir"
+        )
+    host = jax.device_get(self.state)
+    if saved.get("kept"):
+      self.index = shrink.index_from_kept(host.params, saved["kept"], host.batch_stats)
+      params, opt_state, stats = shrink.restrict(
+        self.index, host.params, host.opt_state, host.batch_stats
+      )
+      self.model = resized(self.model, [len(self.index.kept[n]) for n in self.index.kept])
+      if saved.get("dense_mode"):
+        opt_state = shrink.without_masks(opt_state)
+        tx = self._tx(None)
+      else:
+        tx = self._tx(shrink.on_kept_units(self.algorithm, self.index))
+      host = host._replace(params=params, opt_state=opt_state, batch_stats=stats)
+      self.dense_mode = bool(saved.get("dense_mode"))
+    target = ckpt.abstract_state(
+      jax.eval_shape(lambda s: s, host), shd.state_shardings(host, self.mesh)
+    )
+    self.state = self.checkpointer.restore(step, target)
+    self.step = step
+    self.compact_steps = [s for s in self.compact_steps if s > step]
+    return tx
+
+  def _compact(self) -> None:
+    t0 = time.perf_counter()
+    host = jax.device_get(self.state)
+    out = shrink.compact_state(host.params, host.opt_state, host.batch_stats, index=self.index)
+    self.index = out.index
+    self.model = resized(self.model, out.widths)
+    opt_state = out.opt_state
+    finished = self.step > int(self.algorithm.config["end_step"]) and not self.compact_steps
+    if finished:
+      opt_state = shrink.without_masks(opt_state)
+      tx = self._tx(None)
+      self.dense_mode = True
+    else:
+      tx = self._tx(shrink.on_kept_units(self.algorithm, self.index))
+    self.state = host._replace(params=out.params, opt_state=opt_state, batch_stats=out.batch_stats)
+    compact_s = time.perf_counter() - t0
+    compile_s = self._compile(tx)
+    self.compactions.append(
+      {
+        "step": self.step,
+        "widths": [int(w) for w in out.widths],
+        "params": count(out.params),
+        "compact_s": round(compact_s, 3),
+        "compile_s": round(compile_s, 3),
+        "masks_dropped": finished,
+      }
+    )
+
+  # -- driving
+
+  def advance(self, until: int, stop_at: int | None = None) -> None:
+    """Trains up to `until` completed steps (compacting on the way), timed."""
+    t0 = time.perf_counter()
+    in_flight = train.InFlight()
+    while self.step < until:
+      if self.compact_steps and self.compact_steps[0] == self.step:
+        self.compact_steps.pop(0)
+        self._compact()
+      t_steps = time.perf_counter()
+      first = self.step
+      while self.step < until and not (self.compact_steps and self.compact_steps[0] == self.step):
+        self.state, metrics = self.step_fn(self.state, self._put(self.batches.batch_at(self.step)))
+        in_flight.add(metrics)
+        self.step += 1
+        if self.checkpointer is not None and (
+          self.step % int(self.config.checkpoint_every) == 0 or self.step == int(self.config.steps)
+        ):
+          jax.block_until_ready(self.state)
+          self.checkpointer.save(self.step, self.state, self.config, extra=self._meta())
+        if stop_at is not None and self.step >= stop_at:
+          until = self.step
+          if self.checkpointer is not None:
+            jax.block_until_ready(self.state)
+            self.checkpointer.save(self.step, self.state, self.config, extra=self._meta())
+      jax.block_until_ready(self.state)
+      if self.step > first:
+        self.chunk_times.append((first, self.step, time.perf_counter() - t_steps))
+    if self.compact_steps and self.compact_steps[0] == self.step == int(self.config.steps):
+      self.compact_steps.pop(0)
+      self._compact()
+    jax.block_until_ready(self.state)
+    self.wall_s += time.perf_counter() - t0
+
+  def step_seconds(self, lo: int, hi: int) -> float:
+    """Seconds spent in steps lo+1..hi (chunks entirely inside the range)."""
+    return sum(t for a, b, t in self.chunk_times if a >= lo and b <= hi)
+
+  def training_flops(self) -> float:
+    """Sum over the steps of the forward FLOPs of the model in use at that step."""
+    total, steps = 0.0, int(self.config.steps)
+    bounds = [p["from"] for p in self.phases] + [steps]
+    for phase, lo, hi in zip(self.phases, bounds[:-1], bounds[1:]):
+      f = forward_flops(phase["model"], phase["params"], phase["batch_stats"], self.input_shape)
+      total += f * max(hi - lo, 0)
+    return total
+
+
+# --------------------------------------------------------------------- results
+
+
+def evaluate(run: Run, test_source) -> float:
+  eval_step = jax.jit(
+    train.make_eval_step(run.model, test_source.num_classes), out_shardings=shd.replicated(run.mesh)
+  )
+  batches = data.eval_batches(run.config, source=test_source)
+  return train.evaluate(eval_step, run.state, batches, run.mesh)["accuracy"]
+
+
+def inference_speedup(dense: Run, small: Run, rounds: int) -> dict:
+  """Median latency (ms) of both final models at batch 256, interleaved A B / B A."""
+  x = jnp.zeros((INFERENCE_BATCH, *dense.input_shape), jnp.float32)
+  fns = {}
+  for run in (dense, small):
+    variables = train._variables(run.state.params, run.state.batch_stats)
+    f = jax.jit(lambda v, x, m=run.model: m.apply(v, x, train=False))
+    fns[run.name] = (f, variables)
+  for f, v in fns.values():
+    for _ in range(3):
+      jax.block_until_ready(f(v, x))
+  times = {k: [] for k in fns}
+  for r in range(rounds):
+    for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+      f, v = fns[k]
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(v, x))
+      times[k].append(time.perf_counter() - t0)
+  ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+  return {"latency_ms": ms, "speedup": ms["dense"] / ms["shrink"]}
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _fractions(text: str, flag: str) -> tuple:
+  try:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise train.ConfigError(f"{flag}={text!r}: expected comma-separated numbers") from None
+
+
+def parse_args(argv: Sequence[str]):
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.shrink", description=__doc__.split("\n")[0]
+  )
+  p.add_argument(
+    "--target", type=float, default=0.75, help="fraction of units removed per hidden layer"
+  )
+  p.add_argument(
+    "--compact_at",
+    default=",".join(map(str, DEFAULT_COMPACT_AT)),
+    help="fractions of the pruning schedule",
+  )
+  p.add_argument(
+    "--schedule",
+    default=",".join(map(str, DEFAULT_SCHEDULE)),
+    help="start,end of pruning as fractions of the steps",
+  )
+  p.add_argument("--sparsity_type", default="channel", choices=("channel", "neuron"))
+  p.add_argument("--seed", type=int, default=None, help="overrides config.seed")
+  p.add_argument("--chunk", type=int, default=100, help="steps per turn of the interleaving")
+  p.add_argument("--rounds", type=int, default=20, help="inference latency rounds")
+  p.add_argument("--workdir", default=None, help="checkpoint (and resume) the shrink run here")
+  p.add_argument("--stop_at", type=int, default=None, help=argparse.SUPPRESS)
+  args, rest = p.parse_known_args(argv[1:])
+  unknown = [a for a in rest if not a.startswith("--config")]
+  if unknown:
+    p.error(f"unrecognised arguments: {' '.join(unknown)}")
+  config = train.parse_config([argv[0], *rest])
+  if args.seed is not None:
+    config.seed = int(args.seed)
+  if not 0.0 < args.target < 1.0:
+    raise train.ConfigError(f"--target must be in (0, 1), got {args.target}")
+  args.compact_at = _fractions(args.compact_at, "--compact_at")
+  args.schedule = _fractions(args.schedule, "--schedule")
+  if len(args.schedule) != 2 or not 0.0 <= args.schedule[0] < args.schedule[1] <= 1.0:
+    raise train.ConfigError(
+      f"--schedule must be start,end with 0 <= start < end <= 1, got {args.schedule}"
+    )
+  if args.chunk < 1:
+    raise train.ConfigError(f"--chunk must be >= 1, got {args.chunk}")
+  return args, config
+
+
+def run(args, config, out=None) -> dict:
+  out = out or sys.stdout
+  say = lambda *a: print(*a, file=out, flush=True)
+  mesh = shd.make_mesh(False)
+  shd.check_batch_size(int(config.batch_size), mesh)
+  steps = int(config.steps)
+
+  # Validate before reading data: the model must be a chain compact handles.
+  model = models.get_model(config)
+  shapes = jax.eval_shape(
+    lambda: models.init_variables(model, jax.random.PRNGKey(0), data.input_shape(config))
+  )
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  algorithm = shrink_algorithm(
+    config, variables["params"], args.target, args.schedule, args.sparsity_type
+  )
+  compact_steps = shrink.compaction_steps(algorithm, args.compact_at, steps)
+  probe = jaxprune.sparsify(common.optimizer(config), algorithm)
+  shrink.compact_state(
+    variables["params"], probe.init(variables["params"]), variables.get("batch_stats")
+  )
+  resized(model, [1] * 8)
+  del variables, probe
+
+  spec = data.get_spec(config)
+  train_source = train.load_split(config, spec.train_split)
+  test_source = train.load_split(config, spec.eval_split)
+  if train_source.num_classes != model.num_classes:
+    raise train.ConfigError(
+      f"config.num_classes={config.num_classes} but the dataset has "
+      f"{train_source.num_classes} classes"
+    )
+
+  checkpointer = ckpt.Checkpointer(args.workdir) if args.workdir else None
+  say(
+    f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity, schedule "
+    f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
+    f"{algorithm.config['update_every']}, compactions after steps {compact_steps}, "
+    f"{steps} steps, seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
+  )
+  try:
+    runs = [Run("dense", config, mesh, train_source)] if args.stop_at is None else []
+    runs.append(Run("shrink", config, mesh, train_source, algorithm, compact_steps, checkpointer))
+    for i, lo in enumerate(range(0, steps, args.chunk)):
+      hi = min(lo + args.chunk, steps)
+      for r in runs if i % 2 == 0 else runs[::-1]:
+        if r.step < hi:
+          r.advance(hi, stop_at=args.stop_at if r.name == "shrink" else None)
+      if (i + 1) % 10 == 0 or hi == steps:
+        say(
+          f"[shrink] step {hi}: "
+          + ", ".join(f"{r.name} {r.wall_s:.1f} s (compile {r.compile_s:.1f} s)" for r in runs)
+        )
+      if args.stop_at is not None and runs[-1].step >= args.stop_at:
+        say(f"[shrink] stopped at step {runs[-1].step}")
+        return {"stopped_at": runs[-1].step}
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+  dense, small = runs
+  for c in small.compactions:
+    say(
+      f"[shrink] compaction after step {c['step']}: widths {c['widths']}, compact {c['compact_s']} s, compile {c['compile_s']} s"
+    )
+  last = small.compactions[-1]["step"] if small.compactions else steps
+  tail_dense, tail_shrink = dense.step_seconds(last, steps), small.step_seconds(last, steps)
+  latency = inference_speedup(dense, small, args.rounds)
+  dense_flops = dense.training_flops()
+  result = {
+    "config": config.name,
+    "dataset": train_source.dataset,
+    "seed": int(config.seed),
+    "steps": steps,
+    "target": args.target,
+    "sparsity_type": args.sparsity_type,
+    "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
+    "compact_at": list(args.compact_at),
+    "dense_accuracy": evaluate(dense, test_source),
+    "shrink_accuracy": evaluate(small, test_source),
+    "dense_wall_s": round(dense.wall_s, 3),
+    "shrink_wall_s": round(small.wall_s, 3),
+    "speedup_wall": dense.wall_s / small.wall_s,
+    "dense_compile_s": round(dense.compile_s, 3),
+    "shrink_compile_s": round(small.compile_s, 3),
+    "compactions": small.compactions,
+    "speedup_after_last_compaction": tail_dense / tail_shrink if tail_shrink > 0 else None,
+    "ideal_speedup_flops": dense_flops / small.training_flops(),
+    "final_params_ratio": count(small.state.params) / count(dense.state.params),
+    "final_flops_ratio": forward_flops(
+      small.model, small.state.params, small.state.batch_stats, small.input_shape
+    )
+    / forward_flops(dense.model, dense.state.params, dense.state.batch_stats, dense.input_shape),
+    "inference_speedup": latency["speedup"],
+    "inference_latency_ms": {k: round(v, 4) for k, v in latency["latency_ms"].items()},
+    "widths_before": [
+      int(np.shape(dense.state.params[n]["kernel"])[-1]) for n in hidden_layers(dense.state.params)
+    ],
+    "widths_after": [
+      int(np.shape(small.state.params[n]["kernel"])[-1]) for n in hidden_layers(small.state.params)
+    ],
+    "devices": jax.device_count(),
+    "chunk": args.chunk,
+  }
+  say(json.dumps(result))
+  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    args, config = parse_args(argv)
+    run(args, config)
+  except (train.ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,260 @@
+"""Shrink while training: compaction of params, BatchNorm statistics and optimizer state."""
+
+import re
+
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+
+import jaxprune
+from experiments import models
+from jaxprune import shrink
+
+HIDDEN = r"^(Conv_\d+|Dense_0)/kernel$"
+
+
+def _algo(sparsity=0.5, end_step=4, include=HIDDEN, **kw):
+  return shrink.tie_units(
+    jaxprune.create(
+      "gradual_magnitude",
+      sparsity=sparsity,
+      sparsity_type="channel",
+      include=include,
+      start_step=0,
+      end_step=end_step,
+      update_every=2,
+      **kw,
+    )
+  )
+
+
+def _cnn(channels=(4, 6), hidden=8):
+  return models.CNN(channels=channels, hidden=hidden, num_classes=3)
+
+
+def _batch(i, n=8):
+  key = jax.random.fold_in(jax.random.PRNGKey(42), i)
+  x = jax.random.normal(key, (n, 8, 8, 1))
+  y = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, 3)
+  return x, y
+
+
+def _step_fn(model, tx):
+  @jax.jit
+  def step(params, stats, opt_state, x, y):
+    def loss(p):
+      logits, upd = model.apply(
+        {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
+
+  return step
+
+
+def _small_model(model, widths):
+  n = len(model.channels)
+  return model.clone(channels=tuple(widths[:n]), hidden=widths[n])
+
+
+def _assert_trees_close(a, b, **kw):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p), **kw)
+
+
+@pytest.mark.parametrize(
+  "inner",
+  [lambda: optax.adam(1e-2), lambda: optax.sgd(1e-2, momentum=0.9)],
+  ids=["adam", "sgd_momentum"],
+)
+def test_step_after_compaction_equals_masked_full_step(inner):
+  model = _cnn()
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+  params, stats = variables["params"], variables["batch_stats"]
+  algo = _algo(end_step=4)
+  tx = jaxprune.sparsify(inner(), algo)
+  opt_state = tx.init(params)
+  step = _step_fn(model, tx)
+  for i in range(3):  # mask updates at counts 0 and 2
+    params, stats, opt_state = step(params, stats, opt_state, *_batch(i))
+  out = shrink.compact_state(params, opt_state, stats)
+  assert out.widths[0] < 4 and out.widths[1] < 6 and out.widths[2] < 8 and out.widths[3] == 3
+
+  # Compacted state == the full state restricted to the kept units.
+  ref_p, ref_o, ref_s = shrink.restrict(out.index, params, opt_state, stats)
+  _assert_trees_close(out.params, ref_p, rtol=0, atol=0)
+  _assert_trees_close(out.opt_state, ref_o, rtol=0, atol=0)
+  _assert_trees_close(out.batch_stats, ref_s, rtol=0, atol=0)
+  mu = [x for x in jax.tree.leaves(out.opt_state) if np.ndim(x) == 4]
+  assert mu and any(np.any(np.asarray(x) != 0) for x in mu)  # moments carried, not reset
+
+  small = _small_model(model, out.widths)
+  tx_small = jaxprune.sparsify(inner(), shrink.on_kept_units(algo, out.index))
+  small_step = _step_fn(small, tx_small)
+  x, y = _batch(3)
+  full = step(params, stats, opt_state, x, y)
+  got = small_step(out.params, out.batch_stats, out.opt_state, x, y)
+  want = shrink.restrict(out.index, full[0], full[2], full[1])
+  _assert_trees_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+  _assert_trees_close(got[2], want[1], rtol=1e-5, atol=1e-6)
+  _assert_trees_close(got[1], want[2], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_keeps_original_counts_after_compaction():
+  model = _cnn(channels=(8, 10), hidden=12)
+  variables = models.init_variables(model, jax.random.PRNGKey(1), (8, 8, 1))
+  params, stats = variables["params"], variables["batch_stats"]
+  algo = _algo(sparsity=0.75, end_step=6)
+  tx = jaxprune.sparsify(optax.adam(1e-2), algo)
+  opt_state = tx.init(params)
+  step = _step_fn(model, tx)
+  index = None
+  for i in range(8):
+    params, stats, opt_state = step(params, stats, opt_state, *_batch(i))
+    if i in (2, 4):  # compact twice inside the schedule
+      out = shrink.compact_state(params, opt_state, stats, index=index)
+      params, opt_state, stats, index = out.params, out.opt_state, out.batch_stats, out.index
+      model = _small_model(model, out.widths)
+      tx = jaxprune.sparsify(optax.adam(1e-2), shrink.on_kept_units(algo, index))
+      step = _step_fn(model, tx)
+  out = shrink.compact_state(params, opt_state, stats, index=index)
+  # 8 - floor(.75 * 8) = 2, 10 - 7 = 3, 12 - 9 = 3 units, as on the full model.
+  assert out.widths == [2, 3, 3, 3]
+  assert {k: len(v) for k, v in out.index.kept.items()} == {
+    "Conv_0": 2,
+    "Conv_1": 3,
+    "Dense_0": 3,
+    "Dense_1": 3,
+  }
+  assert out.index.kept["Conv_1"].max() < 10
+  dense_state = shrink.without_masks(out.opt_state)
+  assert all(np.ndim(m) == 0 for m in jax.tree.leaves(dense_state.masks))
+
+
+def test_plain_optax_chain_state_is_compacted_with_given_masks():
+  model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(5), nn.relu, nn.Dense(2)])
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+  params = {f"Dense_{i}": v for i, v in enumerate(params.values())}
+  keep0 = np.array([1, 0, 1, 1, 0, 1], bool)
+  masks = jax.tree.map(lambda _: jnp.asarray(True), params)
+  masks["Dense_0"] = {"kernel": jnp.broadcast_to(keep0, (3, 6)), "bias": jnp.asarray(keep0)}
+  params = jaxprune.apply_masks(params, masks)
+  tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = tx.update(grads, state, params)
+  out = shrink.compact_state(params, state, masks=masks)
+  assert out.widths == [4, 5, 2]
+  trace = out.opt_state[1][0].trace
+  assert trace["Dense_0"]["kernel"].shape == (3, 4)
+  assert trace["Dense_1"]["kernel"].shape == (4, 5)
+  assert trace["Dense_2"]["kernel"].shape == (5, 2)
+
+
+@given(
+  widths=st.lists(st.integers(2, 7), min_size=1, max_size=3),
+  seed=st.integers(0, 10_000),
+)
+def test_mlp_compaction_counts_and_function(widths, seed):
+  rng = np.random.default_rng(seed)
+  sizes = [5, *widths, 3]
+  params, masks = {}, {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    params[f"Dense_{i}"] = {
+      "kernel": jnp.asarray(rng.normal(size=(a, b)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(b,)), jnp.float32),
+    }
+    if i < len(widths):
+      keep = rng.random(b) < 0.5
+      keep[rng.integers(b)] = True
+      masks[f"Dense_{i}"] = {"kernel": jnp.broadcast_to(keep, (a, b)), "bias": jnp.asarray(keep)}
+    else:
+      masks[f"Dense_{i}"] = {"kernel": jnp.asarray(True), "bias": jnp.asarray(True)}
+  params = jaxprune.apply_masks(params, masks)
+  state = optax.adam(1e-3).init(params)
+  out = shrink.compact_state(params, state, masks=masks)
+  counts = [int(np.asarray(masks[f"Dense_{i}"]["bias"]).sum()) for i in range(len(widths))]
+  assert out.widths == [*counts, 3]
+
+  def forward(p, x):
+    for i in range(len(p)):
+      x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+      x = jax.nn.relu(x) if i < len(p) - 1 else x
+    return x
+
+  x = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  np.testing.assert_allclose(forward(out.params, x), forward(params, x), rtol=1e-5, atol=1e-5)
+  for leaf in jax.tree.leaves(out.opt_state):
+    assert np.ndim(leaf) == 0 or np.shape(leaf) in {
+      np.shape(p) for p in jax.tree.leaves(out.params)
+    }
+
+
+def test_untied_masks_raise_naming_the_layer():
+  model = _cnn()
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+  params, stats = variables["params"], variables["batch_stats"]
+  params["BatchNorm_0"]["bias"] = params["BatchNorm_0"]["bias"] + 0.5
+  algo = jaxprune.create(
+    "gradual_magnitude",
+    sparsity=0.5,
+    sparsity_type="channel",
+    include=HIDDEN,
+    start_step=0,
+    end_step=2,
+    update_every=2,
+  )
+  tx = jaxprune.sparsify(optax.adam(1e-2), algo)
+  opt_state = tx.init(params)
+  step = _step_fn(model, tx)
+  for i in range(3):  # the update at count 2 prunes
+    params, stats, opt_state = step(params, stats, opt_state, *_batch(i))
+  with pytest.raises(ValueError, match=re.escape("'Conv_0'")):
+    shrink.compact_state(params, opt_state, stats)
+
+
+def test_unsupported_model_raises_naming_the_layer():
+  params = {
+    "Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+    "LayerNorm_0": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+    "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
+  }
+  masks = jax.tree.map(lambda _: jnp.asarray(True), params)
+  with pytest.raises(ValueError, match="LayerNorm_0"):
+    shrink.compact_state(params, optax.adam(1e-3).init(params), masks=masks)
+
+
+def test_output_layer_and_sparsity_type_errors():
+  model = _cnn()
+  params = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))["params"]
+  with pytest.raises(ValueError, match="output layer 'Dense_1'"):
+    _algo(include=r"kernel$").init(params)
+  with pytest.raises(ValueError, match="sparsity_type"):
+    shrink.tie_units(jaxprune.create("gradual_magnitude", sparsity=0.5, end_step=4))
+
+
+def test_compaction_steps_and_errors():
+  algo = jaxprune.create(
+    "gradual_magnitude",
+    sparsity=0.5,
+    sparsity_type="channel",
+    start_step=100,
+    end_step=500,
+    update_every=100,
+  )
+  assert shrink.compaction_steps(algo, [0.25, 0.5, 0.75, 1.0], 1000) == [201, 301, 401, 501]
+  with pytest.raises(ValueError, match=r"compact_at=0.0 is at or before the pruning schedule"):
+    shrink.compaction_steps(algo, [0.0, 0.5], 1000)
+  with pytest.raises(ValueError, match=r"compact_at=1.5 is after it ends"):
+    shrink.compaction_steps(algo, [1.5], 1000)
+  with pytest.raises(ValueError, match="beyond the 400 training steps"):
+    shrink.compaction_steps(algo, [1.0], 400)

@@ -1,0 +1,161 @@
+"""experiments.shrink on the offline digits: the CLI, resume across a compaction, devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import checkpoint as ckpt
+from experiments import sharding as shd
+from experiments import shrink, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "experiments", "configs", "fmnist_cnn.py")
+# A 4-8-16-10 CNN, 40 steps; pruning 4..24 every 5 steps, compactions after 15 and 25.
+TINY = [
+  f"--config={CONFIG}",
+  "--config.dataset=digits",
+  "--config.model_kwargs.channels=(4,8)",
+  "--config.model_kwargs.hidden=16",
+  "--config.batch_size=32",
+  "--config.steps=40",
+  "--config.update_every=5",
+  "--config.checkpoint_every=1000",
+  "--compact_at=0.5,1.0",
+]
+KEYS = {
+  "dense_accuracy",
+  "shrink_accuracy",
+  "dense_wall_s",
+  "shrink_wall_s",
+  "speedup_wall",
+  "dense_compile_s",
+  "shrink_compile_s",
+  "final_params_ratio",
+  "inference_speedup",
+  "compactions",
+  "speedup_after_last_compaction",
+  "ideal_speedup_flops",
+}
+
+
+def _main(capsys, *argv):
+  code = shrink.main(["prog", *argv])
+  return code, capsys.readouterr()
+
+
+def test_cli_prints_json_and_shrinks(capsys):
+  code, out = _main(capsys, *TINY, "--chunk=10", "--rounds=2")
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert KEYS <= set(result)
+  assert [c["step"] for c in result["compactions"]] == [15, 25]
+  assert result["widths_before"] == [4, 8, 16]
+  # 75% of the units of every hidden layer are gone: 4 - 3, 8 - 6, 16 - 12.
+  assert result["widths_after"] == [1, 2, 4]
+  assert result["final_params_ratio"] < 0.5
+  assert result["compactions"][-1]["masks_dropped"] is True
+
+
+def test_cli_rejects_compaction_before_the_schedule(capsys):
+  code, out = _main(capsys, *TINY, "--compact_at=0.0,0.5")
+  assert code == 2
+  assert "compact_at=0.0 is at or before the pruning schedule starts" in out.err
+
+
+def test_cli_rejects_a_model_compact_cannot_handle(capsys):
+  config = os.path.join(REPO, "experiments", "configs", "cifar10_resnet18.py")
+  code, out = _main(capsys, f"--config={config}", "--config.steps=20")
+  assert code == 2
+  assert "error: compact:" in out.err and "not an auto-named" in out.err, out.err
+
+
+def _setup(argv):
+  args, config = shrink.parse_args(["prog", *argv])
+  mesh = shd.make_mesh(False, devices=jax.devices()[:1])
+  source = train.load_split(config, "train")
+  params = shrink.models.init_variables(
+    shrink.models.get_model(config, num_classes=source.num_classes),
+    jax.random.PRNGKey(0),
+    shrink.data.input_shape(config),
+  )["params"]
+  algo = shrink.shrink_algorithm(config, params, args.target, args.schedule, args.sparsity_type)
+  steps = shrink.shrink.compaction_steps(algo, args.compact_at, int(config.steps))
+  return config, mesh, source, algo, steps
+
+
+def test_resume_after_a_compaction_is_bit_identical(tmp_path):
+  config, mesh, source, algo, steps = _setup(TINY)
+  straight = shrink.Run("shrink", config, mesh, source, algo, steps)
+  straight.advance(30)
+
+  first = shrink.Run("shrink", config, mesh, source, algo, steps, ckpt.Checkpointer(str(tmp_path)))
+  first.advance(30, stop_at=17)  # after the compaction at 15
+  assert first.step == 17 and len(first.compactions) == 1
+  first.checkpointer.close()
+  resumed = shrink.Run(
+    "shrink", config, mesh, source, algo, steps, ckpt.Checkpointer(str(tmp_path))
+  )
+  assert resumed.step == 17
+  assert resumed.index.to_json() == first.index.to_json()
+  resumed.advance(30)
+  resumed.checkpointer.close()
+  assert len(resumed.compactions) == 1  # the one at 25
+  other = algo._replace(config={**algo.config, "sparsity": 0.5})
+  with pytest.raises(ckpt.ConfigMismatchError, match="sparsity"):
+    shrink.Run("shrink", config, mesh, source, other, steps, ckpt.Checkpointer(str(tmp_path)))
+  a, b = jax.device_get(straight.state), jax.device_get(resumed.state)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+MULTI = r"""
+import jax, numpy as np
+from experiments import shrink, train
+from experiments import sharding as shd
+from tests.test_shrink_cli import TINY, _setup
+assert jax.device_count() == 8
+config, _, source, algo, steps = _setup(TINY)
+runs = {}
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+  mesh = shd.make_mesh(False, devices=devices)
+  run = shrink.Run("shrink", config, mesh, source, algo, steps)
+  run.advance(30)
+  runs[name] = run
+state = runs["eight"].state
+assert len(runs["eight"].compactions) == 2
+pdef = jax.tree.structure(state.params)
+shardings = {tuple(np.shape(p)): p.sharding for p in jax.tree.leaves(state.params)}
+for leaf in jax.tree.leaves(state.opt_state):
+  if np.ndim(leaf) > 0:
+    assert len(leaf.sharding.device_set) == 8
+    assert leaf.sharding.is_equivalent_to(shardings[tuple(np.shape(leaf))], np.ndim(leaf))
+for p in jax.tree.leaves(state.params):
+  assert len(p.sharding.device_set) == 8
+a, b = jax.device_get(runs["one"].state.params), jax.device_get(state.params)
+for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device():
+  out = subprocess.run(
+    [sys.executable, "-c", MULTI],
+    cwd=REPO,
+    env={
+      **os.environ,
+      "PYTHONPATH": REPO,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    },
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
