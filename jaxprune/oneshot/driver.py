@@ -326,7 +326,8 @@ def compress_sequential(
     inputs: calibration inputs of the first block (a list of batches).
     method: ``"none"`` (dense: quantise only), ``"magnitude"``, ``"wanda"`` or
       ``"sparsegpt"``.
-    sparsity / sparsity_type: the pruning target (ignored for ``"none"``).
+    sparsity: the target sparsity (ignored for ``"none"``).
+    sparsity_type: ``"N:M"`` such as ``"2:4"``, instead of ``sparsity``.
     quant: a :class:`~jaxprune.oneshot.QuantSpec`, or None to prune only.
     quantizer: ``"gptq"`` (default; with ``"sparsegpt"`` the joint solver that
       prunes and quantises in one column loop) or ``"rtn"`` (round to nearest);

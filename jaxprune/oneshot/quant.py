@@ -308,7 +308,8 @@ def sparsegpt_quant(
     w: ``(in, out)`` kernel.
     hessian: ``(in, in)`` matrix ``2/n X^T X``.
     spec: the :class:`QuantSpec`.
-    sparsity / sparsity_type: the target (see :func:`jaxprune.oneshot.parse_target`).
+    sparsity: the target sparsity (see :func:`jaxprune.oneshot.parse_target`).
+    sparsity_type: ``"N:M"`` such as ``"2:4"``, instead of ``sparsity``.
     blocksize: column block size (the paper's 128), rounded up to a multiple of
       the group size and of ``M``. The unstructured counts are per block of this
       rounded size.
