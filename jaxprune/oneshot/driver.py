@@ -97,25 +97,12 @@ def prune_params(params, stats: dict, method: str, sparsity=None, sparsity_type=
   Returns ``(new_params, masks, infos)``; ``infos`` maps kernel paths to solver
   diagnostics (SparseGPT) and lists damping increases.
   """
-  solvers.parse_target(sparsity, sparsity_type)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  known = {path_str(p) for p, _ in flat}
-  missing = sorted(set(stats) - known)
-  if missing:
-    raise ValueError(f"statistics for kernels not in params: {missing}")
-  new_leaves, masks, infos = [], [], {}
-  for p, leaf in flat:
-    name = path_str(p)
-    if name not in stats:
-      new_leaves.append(leaf)
-      masks.append(dense_mask())
-      continue
-    new, mask, info = prune_kernel(leaf, stats[name], method, sparsity, sparsity_type, **kw)
-    new_leaves.append(new)
-    masks.append(mask)
-    if info is not None:
-      infos[name] = info
-  return jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(treedef, masks), infos
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  new_params, masks, _, infos = compress_params(
+    params, stats, method, sparsity, sparsity_type, **kw
+  )
+  return new_params, masks, infos
 
 
 def _warn_damping(infos, where: str, log):
