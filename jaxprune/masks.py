@@ -7,6 +7,8 @@ of its parameter's shape, or a scalar ``True`` for a leaf that is not pruned
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -110,6 +112,39 @@ def random_scores(key, tree):
     treedef,
     [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x)) for i, x in enumerate(leaves)],
   )
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (Appleby, "fmix32"): a bijection of uint32
+  whose every output bit depends on every input bit."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def hashed_scores(key, tree):
+  """Uniform ``[0, 1)`` float32 scores shaped like each leaf, counter-based.
+
+  Entry ``j`` (flat index) of leaf ``i`` scores ``mix(mix(j ^ a) + b) >> 8``
+  times ``2**-24``, with ``a, b`` two words drawn from ``fold_in(key, i)`` and
+  ``mix`` MurmurHash3's finaliser: a few integer operations an entry where
+  threefry's ``jax.random.uniform`` spends ~20x more on XLA:CPU, which matters
+  when every mask update draws one score per parameter (SET's growth). Scores
+  take ``2**24`` values, so equal draws happen and are broken by flat index,
+  as every tie in :mod:`jaxprune.topk`.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+
+  def leaf(i, x):
+    a, b = jax.random.bits(jax.random.fold_in(key, i), (2,), jnp.uint32)
+    shape = jnp.shape(x)
+    j = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+    h = _mix32(_mix32(j ^ a) + b)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+  return jax.tree.unflatten(treedef, [leaf(i, x) for i, x in enumerate(leaves)])
 
 
 def magnitude_masks(params, sparsities):

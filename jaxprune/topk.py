@@ -12,23 +12,27 @@ deterministically: among equal scores, lower flat (row-major) indices win;
 across several leaves selected jointly, earlier leaves (in tree-flattening
 order) win.
 
-The k-th largest score is found by bisection over an order-preserving integer
-image (uint32) of the float32 scores: at most 32 counting passes (fewer when a
-threshold already separates exactly k entries), each a fused compare-and-sum that
-XLA shards like any reduction (no sort of the data). For large inputs a sampled
-bracket narrows the range first (:func:`_sampled_bracket`): a fixed, spread-out
-sample of ``SAMPLE_SIZE`` keys is sorted, the keys just above and below the
-sample quantile of ``k`` become candidate bounds, and two counting passes check
-them; the bisection then only covers the integer range between the bounds that
-hold (the full range where a bound does not), so the result is exact whatever
-the sample. (Counting against several thresholds in one pass was slower on
-XLA:CPU than as many single passes: its multi-output reductions do not
-vectorise.) Counts are float32 sums, exact while a count stays below 2**24, else
-int32. NaN scores rank lowest, below -inf.
+The k-th largest score is found by a search over an order-preserving integer
+image (uint32) of the float32 scores, each step a fused compare-and-sum pass that
+XLA shards like any reduction (no sort of the data); it stops as soon as a
+threshold separates exactly k entries. For large inputs a sampled bracket
+narrows the range first (:func:`_sampled_bracket`): a fixed, spread-out sample
+of ``SAMPLE_SIZE`` keys is sorted, the keys just above and below the sample
+quantile of ``k`` become candidate bounds, and two counting passes check them
+(a bound that fails falls back to 0 below, or to the largest key above), so the
+result is exact whatever the sample. While the range holds ``2**16`` keys or
+more, a pass counts one probe (interpolated from the counts, or the middle);
+below that, a pass counts two probes at once, their two in-bracket counts packed
+into one uint32 sum (a single-output reduction, which XLA:CPU vectorises, unlike
+a multi-output one): the probes sandwich the interpolated position of the k-th
+key, or cut the range in thirds after a pass that did not shrink it threefold.
+Counts are float32 sums, exact while a count stays below 2**24, else int32.
+NaN scores rank lowest, below -inf.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -108,11 +112,11 @@ def _sample_keys(keys, stride: int) -> jax.Array:
 
 
 def _sampled_bracket(keys, k, total: int, count):
-  """``(lo, c_lo, top, c_up, both)``: the k-th largest key lies in ``[lo, top]``,
-  ``c_lo = count(key >= lo)`` and ``c_up = count(key >= top + 1)`` (0 for the
-  top of the range); from the sample when its bounds check out (two counting
-  passes), else the full range ``[0, 2**32 - 1]`` on that side; ``both``: both
-  sampled bounds held."""
+  """``(lo, c_lo, top, c_up, narrow)``: the k-th largest key lies in ``[lo, top]``,
+  ``c_lo = count(key >= lo)`` and ``c_up = count(key >= top + 1)``; from the
+  sample when its bounds check out (two counting passes), else ``lo = 0`` below
+  and the largest key above (one more pass); ``narrow``: the lower bound came
+  from the sample."""
   stride = max(1, total // SAMPLE_SIZE)
   sample = _sample_keys(keys, stride)
   n_s = int(sample.size)
@@ -131,9 +135,29 @@ def _sampled_bracket(keys, k, total: int, count):
   hi_ok = (hi_pos >= 0) & (c_hi_key < k) & (hi_key > 0)
   lo = jnp.where(lo_ok, lo_key, jnp.uint32(0))
   c_lo = jnp.where(lo_ok, c_lo_key, jnp.asarray(total, c_lo_key.dtype))
-  top = jnp.where(hi_ok, hi_key - jnp.uint32(1), jnp.uint32(0xFFFFFFFF))
+  # Above the sample (small k): the largest key bounds the range, with nothing above it.
+  top = lax.cond(
+    hi_ok, lambda: hi_key - jnp.uint32(1), lambda: functools.reduce(jnp.maximum, map(jnp.max, keys))
+  )
   c_up = jnp.where(hi_ok, c_hi_key, jnp.zeros((), c_hi_key.dtype))
-  return lo, c_lo, top, c_up, lo_ok & hi_ok
+  return lo, c_lo, top, c_up, lo_ok
+
+
+_PACKED_LIMIT = 2**16  # brackets holding fewer keys count two probes in one pass
+
+
+def _position(c_lo, c_up, k, shift):
+  """Where in ``[lo, top]`` (a fraction of the range, from ``lo``) the counts
+  interpolate the k-th largest key, moved by ``shift`` (a fraction)."""
+  n_in = jnp.maximum((c_lo - c_up).astype(jnp.float32), 1.0)
+  return (c_lo - k).astype(jnp.float32) / n_in + shift
+
+
+def _key_at(lo, gap, frac):
+  """The key ``lo + ceil(frac * (gap + 1))``, clipped to ``[lo + 1, lo + gap]``."""
+  g = gap.astype(jnp.float32)
+  step = jnp.clip(jnp.ceil(frac * (g + 1.0)), 1.0, g).astype(jnp.uint32)
+  return jnp.clip(lo + step, lo + jnp.uint32(1), lo + gap)  # float rounding of large gaps
 
 
 @jax.jit
@@ -147,14 +171,10 @@ def _topk_masks(scores, k):
     return sum(jnp.sum(pred_fn(i, key), dtype=cdt) for i, key in enumerate(keys))
 
   # Search for the largest t with count(key >= t) >= k (the k-th largest key)
-  # in the integer range [lo, top] that holds it, one counting pass per step,
-  # keeping count(key >= lo) = c_lo >= k > c_up = count(key >= top + 1). A step
-  # probes where the counts interpolate k (counts are close to linear inside a
-  # narrow bracket; only there: over a wide range counts are far from linear),
-  # or halves the range after a probe that did not: never more than two passes
-  # per halving, and at most 32 passes without a sampled bracket. It stops as soon as count(key >= t) is exactly
-  # k: then ``key >= t`` is the selection (every key >= the k-th largest, no tie
-  # to break), the same set the full search would give.
+  # in the integer range [lo, top] that holds it, keeping count(key >= lo) =
+  # c_lo >= k > c_up = count(key >= top + 1). It stops as soon as count(key >= t)
+  # is exactly k: then ``key >= t`` is the selection (every key >= the k-th
+  # largest, no tie to break), the same set the full search would give.
   if total >= _SAMPLE_MIN_TOTAL:
     lo, c_lo, top, c_up, bracketed = _sampled_bracket(keys, k, total, count)
   else:  # count(key >= 0) = total
@@ -166,29 +186,59 @@ def _topk_masks(scores, k):
     lo, top, c_lo, _, _ = carry
     return (lo < top) & (c_lo != k)
 
-  def step(carry):
+  # Wide brackets (2**16 or more keys inside): one probe per counting pass,
+  # where the counts interpolate k, or the upper middle after a probe that did
+  # not halve the range.
+  def wide(carry):
+    lo, top, c_lo, c_up, _ = carry
+    return unresolved(carry) & (c_lo - c_up >= _PACKED_LIMIT)
+
+  def one_probe(carry):
     lo, top, c_lo, c_up, interpolate = carry
     gap = top - lo  # >= 1
     half = lo + (gap >> 1) + (gap & jnp.uint32(1))  # upper middle: no overflow, always moves
-    frac = (c_lo - k).astype(jnp.float32) / jnp.maximum((c_lo - c_up).astype(jnp.float32), 1.0)
-    guess = lo + jnp.clip(
-      jnp.ceil(frac * (gap.astype(jnp.float32) + 1.0)), 1.0, gap.astype(jnp.float32)
-    ).astype(jnp.uint32)
-    guess = jnp.clip(guess, lo + jnp.uint32(1), top)  # float rounding of large gaps
-    mid = jnp.where(interpolate, guess, half)
+    mid = jnp.where(interpolate, _key_at(lo, gap, _position(c_lo, c_up, k, 0.0)), half)
     c_mid = count(lambda i, key: key >= mid)
     take = c_mid >= k
     new_lo, new_top = jnp.where(take, mid, lo), jnp.where(take, top, mid - jnp.uint32(1))
     halved = bracketed & ((new_top - new_lo) <= (gap >> 1))
-    return (
-      new_lo,
-      new_top,
-      jnp.where(take, c_mid, c_lo),
-      jnp.where(take, c_up, c_mid),
-      halved,
-    )
+    return new_lo, new_top, jnp.where(take, c_mid, c_lo), jnp.where(take, c_up, c_mid), halved
 
-  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, step, (lo, top, c_lo, c_up, bracketed))
+  # Narrow brackets: two probes per pass, their two in-bracket counts (each
+  # below 2**16) packed into one uint32 sum (a single-output reduction, which
+  # XLA:CPU vectorises). The probes sandwich the interpolated position of the
+  # k-th key, two binomial standard deviations either side, or split the range
+  # in thirds after a pass that did not shrink it threefold.
+  def two_probes(carry):
+    lo, top, c_lo, c_up, interpolate = carry
+    gap = top - lo  # >= 1
+    third = gap // jnp.uint32(3)
+    n_in = (c_lo - c_up).astype(jnp.float32)
+    f = (c_lo - k).astype(jnp.float32) / jnp.maximum(n_in, 1.0)
+    spread = (2.0 * jnp.sqrt(n_in * f * (1.0 - f)) + 1.0) / jnp.maximum(n_in, 1.0)
+    t1 = jnp.where(interpolate, _key_at(lo, gap, _position(c_lo, c_up, k, -spread)), lo + third + 1)
+    t2 = jnp.where(interpolate, _key_at(lo, gap, _position(c_lo, c_up, k, spread)), top - third)
+    t2 = jnp.maximum(t1, t2)
+
+    def packed(i, key):
+      inside = key <= top
+      low = (inside & (key >= t1)).astype(jnp.uint32)
+      high = (inside & (key >= t2)).astype(jnp.uint32)
+      return low | (high << 16)
+
+    both = sum(jnp.sum(packed(i, key), dtype=jnp.uint32) for i, key in enumerate(keys))
+    c1 = c_up + (both & jnp.uint32(0xFFFF)).astype(cdt)
+    c2 = c_up + (both >> 16).astype(cdt)
+    above2, above1 = c2 >= k, c1 >= k
+    new_lo = jnp.where(above2, t2, jnp.where(above1, t1, lo))
+    new_c_lo = jnp.where(above2, c2, jnp.where(above1, c1, c_lo))
+    new_top = jnp.where(above2, top, jnp.where(above1, t2 - 1, t1 - 1))
+    new_c_up = jnp.where(above2, c_up, jnp.where(above1, c2, c1))
+    shrunk = (new_top - new_lo) <= third
+    return new_lo, new_top, new_c_lo, new_c_up, shrunk
+
+  carry = lax.while_loop(wide, one_probe, (lo, top, c_lo, c_up, bracketed))
+  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, two_probes, carry)
 
   offsets = [0]
   for key in keys[:-1]:

@@ -219,3 +219,24 @@ def test_sampled_bracket_bounds_hold_the_kth_key():
     assert int(c_up) == int((flat >= int(top) + 1).sum()) < k
     if 0.05 < k / x.size < 0.95:  # the sample narrows a continuous distribution
       assert int(top) - int(lo) < 2**22
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+  n=st.sampled_from([65_535, 65_536, 140_000]),
+  levels=st.sampled_from([0, 3, 2**12]),
+  k_frac=st.floats(0.0, 1.0),
+  seed=st.integers(0, 2**16),
+)
+def test_two_probe_passes_at_the_packed_count_limit(n, levels, k_frac, seed):
+  """Brackets of just under 2**16 keys pack two full 16-bit counts into one sum;
+  65,536 entries and more take the sampled bracket and single probes first.
+  Continuous scores, few levels (whole tie groups inside the bracket) or many."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=n).astype(np.float32)
+  if levels:
+    x = rng.integers(0, levels, size=n).astype(np.float32)
+  k = int(round(k_frac * n))
+  m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
+  assert m.sum() == k
+  np.testing.assert_array_equal(m, _reference_topk(x, k))

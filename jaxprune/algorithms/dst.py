@@ -65,7 +65,7 @@ import jax.numpy as jnp
 from jaxprune import config as config_lib
 from jaxprune import schedules, topk, training_cost
 from jaxprune.algorithms import base
-from jaxprune.masks import is_pruned_mask, random_scores
+from jaxprune.masks import hashed_scores, is_pruned_mask, random_scores
 from jaxprune.rounding import floor_product
 
 DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
@@ -280,7 +280,7 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
 
 def _random_growth(key, params, grads):
   del grads
-  return random_scores(jax.random.fold_in(key, 1), params)
+  return hashed_scores(jax.random.fold_in(key, 1), params)
 
 
 def _gradient_growth(key, params, grads):
@@ -293,7 +293,8 @@ def set_(**config) -> base.Algorithm:
   artificial neural networks with adaptive sparse connectivity inspired by
   network science"): drop the smallest-magnitude active weights, regrow as many
   uniformly at random among inactive positions (randomness from
-  ``fold_in(PRNGKey(seed), step)``)."""
+  ``fold_in(PRNGKey(seed), step)``, through the counter-based
+  :func:`jaxprune.masks.hashed_scores`)."""
   return _dst("set", _random_growth, config)
 
 
