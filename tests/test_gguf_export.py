@@ -303,6 +303,10 @@ def test_quant_flags_parse():
   a = prune_llm.parse_args(["--quant=q4_0", "--quantizer=rtn"])
   assert (a.quant, a.quantizer, a.export) == ("q4_0", "rtn", None)
   assert prune_llm.parse_args([]).quantizer == "gptq"
+  assert prune_llm.parse_args([]).scale_rule == "ggml"
+  assert prune_llm.parse_args(["--quant=q4_0", "--scale_rule=absmax"]).scale_rule == "absmax"
+  with pytest.raises(SystemExit):
+    prune_llm.parse_args(["--scale_rule=minmax"])
   with pytest.raises(ValueError, match="--single_pass"):
     prune_llm.parse_args(["--quant=q8_0", "--single_pass"])
 
