@@ -16,12 +16,13 @@ by block with magnitude, Wanda or SparseGPT, and reports perplexity.
 
 Prints progress per block, a per-layer sparsity table, and as its last line one
 JSON object: method, sparsity_type, sparsity (measured: the fraction of zeros
-over the pruned kernels), quant, quantizer, ppl, prune_s, wall_s, removed_blocks,
+over the pruned kernels), quant, quantizer, scale_rule, ppl, prune_s, wall_s, removed_blocks,
 export_bytes and export_ppl.
 
 ``--quant=q8_0|q4_0`` quantises every block kernel (int8 / int4, symmetric, one
 scale per 32 inputs: the GGUF Q8_0 / Q4_0 grid) with ``--quantizer=gptq`` (default)
-or ``rtn`` inside the same layer-sequential pass
+or ``rtn`` (int4 scales by ``--scale_rule``: ``ggml``, the default, or ``absmax``)
+inside the same layer-sequential pass
 (:func:`jaxprune.oneshot.compress_sequential`; SparseGPT with a quantiser is the
 joint solver); the token embedding becomes Q8_0 (ggml's round-to-nearest), the
 same values the exported file holds. ``ppl`` is the in-memory model's.
@@ -78,6 +79,12 @@ def parse_args(argv):
   p.add_argument("--quiet", action="store_true", help="no per-block progress")
   p.add_argument("--quant", choices=QUANTS, default="none", help="GGUF grid of the kernels")
   p.add_argument("--quantizer", choices=("gptq", "rtn"), default="gptq")
+  p.add_argument(
+    "--scale_rule",
+    choices=oneshot.SCALE_RULES,
+    default="ggml",
+    help="int4 block scale: ggml's signed max / -8 (default) or max|w| / 7",
+  )
   p.add_argument("--export", default=None, help="write the model to this .gguf file")
   a = p.parse_args(argv)
   if a.export is not None:
@@ -156,16 +163,18 @@ def compress(
   *,
   quant,
   quantizer="gptq",
+  scale_rule="ggml",
   log=print,
 ):
   """Prunes (unless ``method == "dense"``) and quantises every block's kernels.
 
-  ``quant`` is ``"q8_0"`` or ``"q4_0"``: int8 / int4 codes with one scale per 32 inputs.
+  ``quant`` is ``"q8_0"`` or ``"q4_0"``: int8 / int4 codes with one scale per 32 inputs,
+  chosen by ``scale_rule`` (:class:`jaxprune.oneshot.QuantSpec`).
   The token embedding is first replaced by its Q8_0 values (what the GGUF export holds),
   so calibration and evaluation see the deployed embedding. Returns ``(params, masks,
   quants)``: dequantised params, masks (None for dense) and ``{param path: Quantized}``.
   """
-  spec = oneshot.QuantSpec(BITS[quant], 32)
+  spec = oneshot.QuantSpec(BITS[quant], 32, scale_rule)
   params = dict(params)
   emb = gguf_export.embedding_as_written(params["embed_tokens"]["embedding"], quant)
   params["embed_tokens"] = {"embedding": jnp.asarray(emb)}
@@ -294,6 +303,7 @@ def run(args, log=print) -> dict:
       args.sparsity_type,
       quant=args.quant,
       quantizer=args.quantizer,
+      scale_rule=args.scale_rule,
       log=(lambda s: None) if args.quiet else log,
     )
   elif args.method != "dense":
@@ -336,6 +346,7 @@ def run(args, log=print) -> dict:
     sparsity=round(sp, 6),
     quant=args.quant,
     quantizer=args.quantizer if args.quant != "none" else None,
+    scale_rule=args.scale_rule if args.quant != "none" else None,
     ppl=round(ppl, 4),
     prune_s=round(prune_s, 2),
     wall_s=round(time.perf_counter() - t_start, 2),

@@ -11,7 +11,8 @@ and reports the evaluation perplexity. Runs:
 
 * ``dense``: the model as loaded;
 * ``rtn_q4_0`` / ``gptq_q4_0`` / ``rtn_q8_0`` / ``gptq_q8_0``: int4 / int8, groups of
-  32 along the input axis, by round-to-nearest or GPTQ;
+  32 along the input axis, by round-to-nearest or GPTQ (scales by
+  :class:`~jaxprune.oneshot.QuantSpec`'s default rule, ggml's);
 * ``sparsegpt50``: SparseGPT 50% alone;
 * ``sparsegpt50_q4_0``: the joint solver (SparseGPT 50% quantising to int4 g32 in
   its column loop); ``sparsegpt50_rtn_q4_0``: SparseGPT 50% then round-to-nearest.

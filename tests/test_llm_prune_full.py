@@ -9,26 +9,16 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
+from helpers import run_prune_llm as _run  # noqa: E402
+
 from experiments import prune_llm  # noqa: E402
 from experiments.llm import data, loader  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def _run(*argv):
-  try:
-    loader.smollm2_path()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-  return prune_llm.run(prune_llm.parse_args(["--quiet", *argv]), log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def dense():
-  return _run("--method=dense")["ppl"]
-
-
-def test_fifty_percent_ranking(dense):
+def test_fifty_percent_ranking(smollm2_dense_ppl):
+  dense = smollm2_dense_ppl
   sgpt = _run("--method=sparsegpt", "--sparsity=0.5")
   wanda = _run("--method=wanda", "--sparsity=0.5")
   mag = _run("--method=magnitude", "--sparsity=0.5")
@@ -38,7 +28,8 @@ def test_fifty_percent_ranking(dense):
   assert sgpt["ppl"] <= 1.6 * dense and wanda["ppl"] <= 2.2 * dense and mag["ppl"] >= 10 * dense
 
 
-def test_two_four(dense):
+def test_two_four(smollm2_dense_ppl):
+  dense = smollm2_dense_ppl
   sgpt = _run("--method=sparsegpt", "--sparsity_type=2:4")
   wanda = _run("--method=wanda", "--sparsity_type=2:4")
   assert sgpt["ppl"] < wanda["ppl"] and sgpt["ppl"] <= 2.8 * dense

@@ -30,7 +30,7 @@ def kernels(draw):
   rng = np.random.default_rng(seed)
   w = rng.normal(size=(d_in, d_out)).astype(np.float32) * draw(st.sampled_from([1e-2, 1.0, 30.0]))
   mask = rng.random((d_in, d_out)) < draw(st.sampled_from([0.3, 0.7, 1.0]))
-  return w, QuantSpec(bits, group), mask
+  return w, QuantSpec(bits, group, draw(st.sampled_from(oneshot.SCALE_RULES))), mask
 
 
 _rtn = jax.jit(lambda w, spec, mask: quantize_rtn(w, spec, mask=mask), static_argnums=1)
@@ -43,9 +43,12 @@ def _check_grid(q: Quantized, spec: QuantSpec, d_in: int, d_out: int):
   assert scales.dtype == np.float32 and scales.shape == (d_in // g, d_out)
   assert codes.min() >= LOW[spec.bits] and codes.max() <= QMAX[spec.bits]
   np.testing.assert_array_equal(scales.astype(np.float16).astype(np.float32), scales)
-  assert np.all(scales >= 0)
+  if spec.scale_rule == "absmax" or spec.bits == 8:
+    assert np.all(scales >= 0)
   expect = codes.astype(np.float32) * np.repeat(scales, g, axis=0)
-  np.testing.assert_array_equal(np.asarray(dequantize(q)), expect)
+  deq = np.asarray(dequantize(q))
+  np.testing.assert_array_equal(deq, expect)
+  assert not np.any(np.signbit(deq[codes == 0]))  # +0.0, also under a negative scale
   assert q.spec == spec
 
 
@@ -61,13 +64,75 @@ def test_rtn_grid_invariants(case):
     kept = np.ones_like(w, bool) if m is None else m
     deq = np.asarray(dequantize(q))
     assert np.all(deq[~kept] == 0.0) and np.all(np.asarray(q.codes)[~kept] == 0)
-    # round to nearest: within half a step of the (kept) weight
-    step = np.repeat(np.asarray(q.scales), g, axis=0)
-    assert np.all(np.abs(deq - np.where(kept, w, 0)) <= 0.5 * step * (1 + 1e-3))
-    # the scale is the group's absmax / qmax: its largest kept weight gets code +-qmax
-    wk = np.abs(np.where(kept, w, 0)).reshape(d_in // g, g, d_out)
-    top = np.abs(np.asarray(q.codes)).reshape(d_in // g, g, d_out).max(axis=1)
-    np.testing.assert_array_equal(top[wk.max(axis=1) > 0], QMAX[spec.bits])
+    # round to nearest: within half a step of the (kept) weight, unless clipped
+    step = np.abs(np.repeat(np.asarray(q.scales), g, axis=0))
+    wk = np.where(kept, w, 0)
+    codes = np.asarray(q.codes)
+    inside = (codes > LOW[spec.bits]) & (codes < QMAX[spec.bits])
+    assert np.all(np.abs(deq - wk)[inside] <= 0.5 * step[inside] * (1 + 1e-3))
+    # the extreme kept weight of each group gets the extreme code
+    wg = wk.reshape(d_in // g, g, d_out)
+    cg = codes.reshape(d_in // g, g, d_out)
+    top = np.argmax(np.abs(wg), axis=1)[:, None]  # the first of the largest, as ggml
+    nonzero = np.abs(wg).max(axis=1) > 0
+    if spec.bits == 4 and spec.scale_rule == "ggml":  # m / -8: code -8, the scale's sign opposite
+      np.testing.assert_array_equal(np.take_along_axis(cg, top, 1)[:, 0][nonzero], -8)
+      m = np.take_along_axis(wg, top, 1)[:, 0]
+      assert np.all(np.sign(np.asarray(q.scales))[nonzero] == -np.sign(m)[nonzero])
+    else:  # max |w| / qmax: the largest kept weight gets code +-qmax
+      np.testing.assert_array_equal(np.abs(cg).max(axis=1)[nonzero], QMAX[spec.bits])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+  st.sampled_from([4, 8, 16, 32, 64]),
+  st.integers(1, 3),
+  st.integers(1, 6),
+  st.integers(0, 2**16),
+  st.sampled_from([0.5, 1.0]),
+)
+def test_ggml_int4_codes_and_error_bound(group, n_groups, d_out, seed, density):
+  """ggml's Q4_0 rule: codes in [-8, 7], |w - q| <= |d| / 2 wherever not clipped at 7,
+  pruned entries exactly +0.0."""
+  rng = np.random.default_rng(seed)
+  w = (rng.standard_normal((group * n_groups, d_out)) * 10.0 ** rng.integers(-3, 3)).astype(
+    np.float32
+  )
+  mask = rng.random(w.shape) < density
+  q = quantize_rtn(w, QuantSpec(4, group), mask=mask)
+  codes, deq = np.asarray(q.codes), np.asarray(dequantize(q))
+  assert codes.min() >= -8 and codes.max() <= 7
+  d = np.abs(np.repeat(np.asarray(q.scales), group, axis=0))
+  wk = np.where(mask, w, 0)
+  s = np.repeat(np.asarray(q.scales), group, axis=0)
+  clipped = (codes == 7) & (np.divide(wk, s, out=np.zeros_like(wk), where=s != 0) > 7.5)
+  assert np.all(np.abs(deq - wk)[~clipped] <= 0.5 * d[~clipped] * (1 + 1e-6))
+  assert np.all(deq[~mask] == 0.0) and not np.any(np.signbit(deq[~mask]))
+
+
+def test_ggml_int4_represents_the_extreme_weight_exactly():
+  # extremes whose / -8 is a float16 value: the old max/7 rule gives 7 * fp16(m / 7) != m
+  w = np.random.default_rng(0).uniform(-0.7, 0.7, size=(64, 4)).astype(np.float32)
+  w[3, 0], w[40, 0], w[17, 1], w[33, 2], w[63, 3] = 1.0, -3.0, -2.5, 6.0, 0.75
+  q = quantize_rtn(w, QuantSpec(4, 32))
+  deq, codes = np.asarray(dequantize(q)), np.asarray(q.codes)
+  for i, j in [(3, 0), (40, 0), (17, 1), (33, 2), (63, 3)]:
+    assert codes[i, j] == -8 and deq[i, j] == w[i, j], (i, j)
+  np.testing.assert_array_equal(np.asarray(q.scales)[:, 0], [-0.125, 0.375])
+  old = np.asarray(dequantize(quantize_rtn(w, QuantSpec(4, 32, "absmax"))))
+  assert old[3, 0] != 1.0 and abs(old[3, 0] - 1.0) < 1e-3
+
+
+def test_int8_rules_agree_and_bad_rule_is_named():
+  w = np.random.default_rng(1).normal(size=(64, 5)).astype(np.float32)
+  a, b = quantize_rtn(w, QuantSpec(8, 32)), quantize_rtn(w, QuantSpec(8, 32, "absmax"))
+  np.testing.assert_array_equal(a.codes, b.codes)
+  np.testing.assert_array_equal(a.scales, b.scales)
+  np.testing.assert_array_equal(
+    a.scales, (np.abs(w).reshape(2, 32, 5).max(1) / 127).astype(np.float16).astype(np.float32)
+  )
+  with pytest.raises(ValueError, match="quantize_rtn: scale_rule must be one of"):
+    quantize_rtn(w, QuantSpec(4, 32, "minmax"))
 
 
 def test_rtn_is_jittable_and_zero_groups_stay_zero():
@@ -140,14 +205,15 @@ def solves(draw):
   d_in = draw(st.sampled_from([32, 48]))
   d_out = draw(st.sampled_from([3, 8]))
   seed = draw(st.integers(0, 2**16))
-  return bits, group, d_in, d_out, seed
+  rule = draw(st.sampled_from(oneshot.SCALE_RULES))
+  return bits, group, d_in, d_out, seed, rule
 
 
 @settings(max_examples=4, deadline=None)
 @given(solves(), st.sampled_from([0.3, 1.0]))
 def test_gptq_grid_invariants(case, density):
-  bits, group, d_in, d_out, seed = case
-  spec = QuantSpec(bits, group)
+  bits, group, d_in, d_out, seed, rule = case
+  spec = QuantSpec(bits, group, rule)
   x, h = _calibration(seed, d_in)
   rng = np.random.default_rng(seed + 1)
   w = rng.normal(size=(d_in, d_out)).astype(np.float32)
@@ -162,8 +228,8 @@ def test_gptq_grid_invariants(case, density):
 @settings(max_examples=5, deadline=None)
 @given(solves(), st.sampled_from(["0.5", "0.3", "2:4", "1:8"]))
 def test_joint_solver_grid_and_exact_counts(case, target):
-  bits, group, d_in, d_out, seed = case
-  spec = QuantSpec(bits, group)
+  bits, group, d_in, d_out, seed, rule = case
+  spec = QuantSpec(bits, group, rule)
   x, h = _calibration(seed, d_in)
   w = np.random.default_rng(seed + 1).normal(size=(d_in, d_out)).astype(np.float32)
   kw = {"sparsity_type": target} if ":" in target else {"sparsity": float(target)}
@@ -182,7 +248,7 @@ def test_joint_solver_grid_and_exact_counts(case, target):
       assert block.sum() == block.size - math.floor(s * block.size)
 
 
-def _np_gptq(w, h, bits, group, blocksize=128, percdamp=0.01):
+def _np_gptq(w, h, bits, group, blocksize=128, percdamp=0.01, rule="ggml"):
   """GPTQ (Frantar et al. 2022) after the reference loop, in float64, W (out, in)."""
   qmax, lo = QMAX[bits], LOW[bits]
   W = w.T.astype(np.float64).copy()
@@ -202,10 +268,14 @@ def _np_gptq(w, h, bits, group, blocksize=128, percdamp=0.01):
     Hinv1 = Hinv[i1:i2, i1:i2]
     for i in range(i2 - i1):
       if (i1 + i) % group == 0:  # the group's scale from its current weights
-        s = np.abs(W1[:, i : i + group]).max(axis=1) / qmax
+        rows = W1[:, i : i + group]
+        if rule == "ggml" and bits == 4:  # ggml's Q4_0: the signed extreme / -8
+          s = rows[np.arange(len(rows)), np.argmax(np.abs(rows), axis=1)] / -8
+        else:
+          s = np.abs(rows).max(axis=1) / qmax
         scale = s.astype(np.float16).astype(np.float64)
       w_, d = W1[:, i], Hinv1[i, i]
-      c = np.clip(np.round(np.divide(w_, scale, out=np.zeros_like(w_), where=scale > 0)), lo, qmax)
+      c = np.clip(np.round(np.divide(w_, scale, out=np.zeros_like(w_), where=scale != 0)), lo, qmax)
       q = c * scale
       Q[:, i1 + i], codes[:, i1 + i] = q, c
       err = (w_ - q) / d
@@ -215,17 +285,20 @@ def _np_gptq(w, h, bits, group, blocksize=128, percdamp=0.01):
   return Q.T, codes.T
 
 
-def test_gptq_matches_numpy_reference():
+@pytest.mark.parametrize("rule", ["ggml", "absmax"])
+def test_gptq_matches_numpy_reference(rule):
   x, h = _calibration(3, 64)
   w = np.random.default_rng(4).normal(size=(64, 6)).astype(np.float32)
-  q, _ = oneshot.gptq(w, h, QuantSpec(4, 16), blocksize=32)
-  ref, ref_codes = _np_gptq(w, h, 4, 16, blocksize=32)
+  q, _ = oneshot.gptq(w, h, QuantSpec(4, 16, rule), blocksize=32)
+  ref, ref_codes = _np_gptq(w, h, 4, 16, blocksize=32, rule=rule)
   # float32 against float64: a few codes at a rounding boundary may differ
   assert np.mean(np.asarray(q.codes) == ref_codes) >= 0.97
   assert abs(_err(x, w, dequantize(q)) - _err(x, w, ref)) <= 0.05 * _err(x, w, ref)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(4, None)])
+@pytest.mark.parametrize(
+  "spec", [QuantSpec(4, 32), QuantSpec(8, 32), QuantSpec(4, None), QuantSpec(4, 32, "absmax")]
+)
 def test_gptq_reconstructs_better_than_rtn(spec):
   x, h = _calibration(0, 128)
   w = np.random.default_rng(1).normal(size=(128, 16)).astype(np.float32)

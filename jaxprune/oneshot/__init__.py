@@ -36,6 +36,7 @@ from jaxprune.oneshot.driver import (
 )
 from jaxprune.oneshot.layers import block_influence, choose_blocks, remove_blocks
 from jaxprune.oneshot.quant import (
+  SCALE_RULES,
   Quantized,
   QuantSpec,
   dequantize,
@@ -50,6 +51,7 @@ __all__ = [
   "METHODS",
   "QUANTIZERS",
   "QuantSpec",
+  "SCALE_RULES",
   "Quantized",
   "SparseGPTInfo",
   "block_influence",

@@ -10,9 +10,20 @@ kernel with groups of 32 is bit-exactly a GGUF Q4_0 tensor (block scale ``d``,
 nibble ``code + 8``) and an int8 one a Q8_0 tensor, each transposed to GGUF's
 ``(out, in)`` rows.
 
-Scales: a group's scale is ``max |w| / qmax`` over its (kept) weights, with
-``qmax = 7`` for int4 and ``127`` for int8, rounded to the nearest float16;
-codes are ``round(w / scale)`` (half to even) clipped to the code range.
+Scales (``QuantSpec.scale_rule``), taken over a group's kept weights and rounded
+to the nearest float16:
+
+* ``"ggml"`` (the default; ggml's own ``quantize_row_q4_0`` / ``q8_0`` rules):
+  int4 takes the weight ``m`` of largest ``|w|`` *with its sign* (the first one
+  on a tie) and ``scale = m / -8``, so that weight gets code -8 exactly and the
+  whole code range ``[-8, 7]`` is used; the scale is negative when ``m > 0``
+  (Q4_0 stores a signed float16 ``d``). int8 takes ``scale = max |w| / 127``.
+* ``"absmax"``: ``scale = max |w| / qmax`` with ``qmax = 7`` (int4) or ``127``
+  (int8); always >= 0, int4 code -8 only reached by clipping. For int8 both rules
+  are the same.
+
+Codes are ``round(w / scale)`` (half to even) clipped to the code range; a group
+of zeros gets scale 0 and codes 0.
 
 Quantisers:
 
@@ -40,9 +51,18 @@ import jax.numpy as jnp
 from jaxprune import topk
 from jaxprune.oneshot import solvers
 
-__all__ = ["QuantSpec", "Quantized", "dequantize", "quantize_rtn", "gptq", "sparsegpt_quant"]
+__all__ = [
+  "SCALE_RULES",
+  "QuantSpec",
+  "Quantized",
+  "dequantize",
+  "quantize_rtn",
+  "gptq",
+  "sparsegpt_quant",
+]
 
 _FP16_MAX = 65504.0
+SCALE_RULES = ("ggml", "absmax")
 
 
 class QuantSpec(NamedTuple):
@@ -54,10 +74,20 @@ class QuantSpec(NamedTuple):
     group_size: consecutive weights along the input axis sharing one scale; it
       must divide the input size. ``None``: one scale per output channel (the
       whole input axis).
+    scale_rule: ``"ggml"`` (default; int4 ``scale = m / -8`` with ``m`` the
+      group's weight of largest magnitude, sign included, so scales may be
+      negative; int8 ``max |w| / 127``) or ``"absmax"`` (``max |w| / 7`` or
+      ``/ 127``, scales >= 0). See the module docstring.
   """
 
   bits: int
   group_size: Optional[int] = 32
+  scale_rule: str = "ggml"
+
+
+# A spec is configuration, not data: a pytree node without leaves (so a Quantized
+# returned from jit keeps its spec as given, and tree maps leave it alone).
+jax.tree_util.register_static(QuantSpec)
 
 
 class Quantized(NamedTuple):
@@ -92,6 +122,8 @@ def check_spec(spec: QuantSpec, d_in: int, name: str = "kernel") -> int:
     raise ValueError(f"{name}: spec must be a QuantSpec, got {type(spec).__name__}")
   if isinstance(spec.bits, bool) or spec.bits not in (4, 8):
     raise ValueError(f"{name}: bits must be 4 or 8, got {spec.bits!r}")
+  if spec.scale_rule not in SCALE_RULES:
+    raise ValueError(f"{name}: scale_rule must be one of {SCALE_RULES}, got {spec.scale_rule!r}")
   if spec.group_size is None:
     return int(d_in)
   g = spec.group_size
@@ -124,36 +156,48 @@ def _check_mask(mask, shape, name: str):
     raise ValueError(f"{name}: mask has shape {jnp.shape(mask)}, expected {tuple(shape)}")
 
 
-def group_scales(w: jax.Array, bits: int) -> jax.Array:
-  """Scales of groups: ``max |w| / qmax`` over axis 0, rounded to float16 (as float32).
+def group_scales(w: jax.Array, bits: int, rule: str = "ggml") -> jax.Array:
+  """Scales of groups over axis -2, rounded to float16 (as float32).
 
-  ``w`` is ``(group, out)`` (or batched ``(..., group, out)``); returns ``(out,)``
-  (``(..., out)``). A group of zeros gets scale 0.
+  ``rule="ggml"``: int4 ``m / -8`` with ``m`` the entry of largest ``|w|`` (sign
+  kept; the first one on a tie, as ggml's loop), int8 ``max |w| / 127``;
+  ``rule="absmax"``: ``max |w| / qmax``. ``w`` is ``(group, out)`` (or batched
+  ``(..., group, out)``); returns ``(out,)`` (``(..., out)``). A group of zeros
+  gets scale 0.
   """
-  qmax = code_range(bits)[1]
-  s = jnp.max(jnp.abs(w), axis=-2) / qmax
-  s = jnp.minimum(s, _FP16_MAX)
+  if rule == "ggml" and bits == 4:
+    i = jnp.argmax(jnp.abs(w), axis=-2, keepdims=True)
+    s = jnp.squeeze(jnp.take_along_axis(w, i, axis=-2), -2) / -8.0
+  else:
+    s = jnp.max(jnp.abs(w), axis=-2) / code_range(bits)[1]
+  s = jnp.clip(s, -_FP16_MAX, _FP16_MAX)
   return s.astype(jnp.float16).astype(jnp.float32)
 
 
 def round_to_grid(w: jax.Array, scale: jax.Array, bits: int):
   """Rounds ``w`` to the grid of ``scale`` (broadcasting); returns ``(values, codes)``.
 
-  ``codes = clip(round(w / scale))`` as int8 (0 where ``scale == 0``) and
-  ``values = codes * scale``, exactly what :func:`dequantize` gives.
+  ``codes = clip(round(w / scale))`` as int8 (0 where ``scale == 0``; scales may
+  be negative) and ``values = codes * scale``, exactly what :func:`dequantize`
+  gives.
   """
   lo, hi = code_range(bits)
-  ok = scale > 0
+  ok = scale != 0
   c = jnp.where(ok, jnp.round(w / jnp.where(ok, scale, 1.0)), 0.0)
   codes = jnp.clip(c, lo, hi).astype(jnp.int8)
-  return codes.astype(jnp.float32) * scale, codes
+  return _values(codes, scale), codes
+
+
+def _values(codes, scale):
+  """``codes * scale``, with +0.0 (not -0.0 from a negative scale) where a code is 0."""
+  return jnp.where(codes == 0, 0.0, codes.astype(jnp.float32) * scale)
 
 
 def dequantize(q: Quantized) -> jax.Array:
   """The float32 ``(in, out)`` kernel ``codes * scales``, each scale repeated over its
-  group along axis 0; exactly 0.0 where a code is 0."""
+  group along axis 0; exactly +0.0 where a code is 0 (also under a negative scale)."""
   g = q.codes.shape[0] // q.scales.shape[0]
-  return q.codes.astype(jnp.float32) * jnp.repeat(q.scales, g, axis=0)
+  return _values(q.codes, jnp.repeat(q.scales, g, axis=0))
 
 
 def quantize_rtn(w: jax.Array, spec: QuantSpec, *, mask: Optional[jax.Array] = None) -> Quantized:
@@ -182,9 +226,9 @@ def quantize_rtn(w: jax.Array, spec: QuantSpec, *, mask: Optional[jax.Array] = N
   if mask is not None:
     w = jnp.where(mask, w, 0.0)
   d_in, d_out = w.shape
-  scales = group_scales(w.reshape(d_in // g, g, d_out), spec.bits)
+  scales = group_scales(w.reshape(d_in // g, g, d_out), spec.bits, spec.scale_rule)
   _, codes = round_to_grid(w, jnp.repeat(scales, g, axis=0), spec.bits)
-  return Quantized(codes, scales, QuantSpec(spec.bits, spec.group_size))
+  return Quantized(codes, scales, QuantSpec(spec.bits, spec.group_size, spec.scale_rule))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +237,10 @@ class _Grid:
 
   bits: int
   group: Optional[int]
+  rule: str = "ggml"
 
   def scales(self, rows):
-    return group_scales(rows, self.bits)
+    return group_scales(rows, self.bits, self.rule)
 
   def round(self, values, scale):
     return round_to_grid(values, scale, self.bits)
@@ -277,9 +322,9 @@ def gptq(
     (0, 0),
     bs,
     float(damp),
-    _Grid(spec.bits, spec.group_size),
+    _Grid(spec.bits, spec.group_size, spec.scale_rule),
   )
-  return Quantized(codes, scales, QuantSpec(spec.bits, spec.group_size)), info
+  return Quantized(codes, scales, QuantSpec(spec.bits, spec.group_size, spec.scale_rule)), info
 
 
 def sparsegpt_quant(
@@ -340,6 +385,10 @@ def sparsegpt_quant(
     (t.n, t.m),
     bs,
     float(damp),
-    _Grid(spec.bits, spec.group_size),
+    _Grid(spec.bits, spec.group_size, spec.scale_rule),
   )
-  return Quantized(codes, scales, QuantSpec(spec.bits, spec.group_size)), mask, info
+  return (
+    Quantized(codes, scales, QuantSpec(spec.bits, spec.group_size, spec.scale_rule)),
+    mask,
+    info,
+  )
