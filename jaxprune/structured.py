@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,10 @@ class SparsityType(NamedTuple):
   m: int = 0
   block: tuple = ()
   name: str = "unstructured"
+
+
+SparsityTypeLike = Union[str, SparsityType]
+"""A ``sparsity_type`` argument: one of the strings above or a parsed pattern."""
 
 
 class SparsityTypeError(ValueError, TypeError):

@@ -43,6 +43,14 @@ class Algorithm(NamedTuple):
       mask-update step the parameters change only where the new masks prune
       (to 0.0) or grow (to ``grow_values``), and the inner state is kept, zeroed
       at pruned entries (the reference RigL code, ``reference=True``).
+    family: what kind of algorithm it is, for code that treats kinds alike:
+      ``"dense"``, ``"magnitude"`` (magnitude, gradual_magnitude,
+      global_magnitude: masks only shrink), ``"saliency"`` (saliency,
+      global_saliency: masks only shrink), ``"random"`` (one-shot random:
+      masks only shrink), ``"static"``, ``"fixed"`` (masks never change),
+      ``"dst"`` (set, rigl: active counts constant, connections replaced),
+      ``"ste"`` (ste, sr_ste: dense parameters, straight-through forward);
+      ``"custom"`` by default.
   """
 
   name: str
@@ -55,6 +63,7 @@ class Algorithm(NamedTuple):
   straight_through: Callable | None = None
   grow_values: Callable | None = None
   skip_optimizer_step: bool = False
+  family: str = "custom"
 
 
 def never(step):
@@ -146,7 +155,7 @@ def step_key(cfg, step):
   return jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), step)
 
 
-def one_shot(name: str, cfg, update) -> Algorithm:
+def one_shot(name: str, cfg, update, family: str = "custom") -> Algorithm:
   """An algorithm that starts from all-True masks and prunes once, at
   ``start_step``, with ``update`` (its FLOPs: dense until then, final after)."""
   at_start = lambda step: step == cfg["start_step"]
@@ -157,4 +166,5 @@ def one_shot(name: str, cfg, update) -> Algorithm:
     at_start,
     update,
     flops_schedule=pruned_on_updates(at_start, lambda u, s: s),
+    family=family,
   )

@@ -65,21 +65,11 @@ import jax.numpy as jnp
 from jaxprune import config as config_lib
 from jaxprune import schedules, topk, training_cost
 from jaxprune.algorithms import base
+from jaxprune.config import Distribution, Include
 from jaxprune.masks import is_pruned_mask, random_scores
 from jaxprune.rounding import floor_product
+from jaxprune.structured import SparsityTypeLike
 
-DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
-
-# Keys of ``set``/``rigl`` beyond jaxprune.config.COMMON_KEYS, with their defaults
-# (None: follows ``reference``).
-EXTRA_KEYS = dict(
-  grow_init="zeros",
-  drop_schedule="cosine",
-  reference=False,
-  regrow_dropped=None,
-  skip_optimizer_step=None,
-  update_at_ends=None,
-)
 DROP_SCHEDULES = ("cosine", "cosine_from_start", "constant")
 REFERENCE_FLAGS = ("regrow_dropped", "skip_optimizer_step", "update_at_ends")
 
@@ -215,8 +205,8 @@ def _is_update_step(cfg):
   return lambda step: (step > 0) & (step >= t0) & (step < t1) & ((step - t0) % every == 0)
 
 
-def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> base.Algorithm:
-  cfg = config_lib.validate(name, config, DEFAULTS, extra_keys=EXTRA_KEYS)
+def _dst(name: str, factory, given, grow_scores_fn, dense_gradient=False) -> base.Algorithm:
+  cfg = config_lib.from_signature(name, factory, given)
   config_lib.require_sparsity(name, cfg)
   config_lib.require(name, cfg, "end_step")
   _check_dst_keys(cfg)
@@ -275,6 +265,7 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
     flops_schedule=schedule,
     grow_values=_grow_values(cfg),
     skip_optimizer_step=cfg["skip_optimizer_step"],
+    family="dst",
   )
 
 
@@ -288,18 +279,62 @@ def _gradient_growth(key, params, grads):
   return grads
 
 
-def set_(**config) -> base.Algorithm:
+def set_(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "erk",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int = 100,
+  drop_fraction: float = 0.3,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  grow_init: str | float = "zeros",
+  drop_schedule: str = "cosine",
+  reference: bool = False,
+  regrow_dropped: bool | None = None,
+  skip_optimizer_step: bool | None = None,
+  update_at_ends: bool | None = None,
+) -> base.Algorithm:
   """Sparse Evolutionary Training (Mocanu et al. 2018, "Scalable training of
   artificial neural networks with adaptive sparse connectivity inspired by
   network science"): drop the smallest-magnitude active weights, regrow as many
   uniformly at random among inactive positions (randomness from
-  ``fold_in(PRNGKey(seed), step)``)."""
-  return _dst("set", _random_growth, config)
+  ``fold_in(PRNGKey(seed), step)``).
+
+  ``end_step`` is required. The keys after ``axis`` (``grow_init``,
+  ``drop_schedule``, ``reference`` and its three rules; None follows
+  ``reference``) are described in the module docstring.
+  """
+  return _dst("set", set_, dict(locals()), _random_growth)
 
 
-def rigl(**config) -> base.Algorithm:
+def rigl(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "erk",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int = 100,
+  drop_fraction: float = 0.3,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  grow_init: str | float = "zeros",
+  drop_schedule: str = "cosine",
+  reference: bool = False,
+  regrow_dropped: bool | None = None,
+  skip_optimizer_step: bool | None = None,
+  update_at_ends: bool | None = None,
+) -> base.Algorithm:
   """RigL (Evci et al. 2020, "Rigging the Lottery: Making All Tickets
   Winners"): drop the smallest-magnitude active weights, regrow as many where
   the dense gradient magnitude ``|dL/dw|`` is largest among inactive positions.
-  The dense gradient is the one handed to ``tx.update``, before masking."""
-  return _dst("rigl", _gradient_growth, config, dense_gradient=True)
+  The dense gradient is the one handed to ``tx.update``, before masking.
+
+  ``end_step`` is required; the other keys are those of :func:`set_`.
+  """
+  return _dst("rigl", rigl, dict(locals()), _gradient_growth, dense_gradient=True)
