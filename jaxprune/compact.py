@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.masks import check_structure, shape_mismatch
 from jaxprune.paths import path_str
 
 __all__ = ["Compacted", "compact", "infer_layers"]
@@ -280,16 +281,11 @@ def _mask_of(masks, keys, leaf):
   if masks is None:
     return None
   m = _get(masks, keys)
-  if m is None:
-    raise ValueError(
-      f"compact: masks has no entry for {'/'.join(keys)!r}; masks must have "
-      "exactly the params' tree structure"
-    )
+  if m is None:  # not reached after check_structure; the same message if it were
+    raise ValueError(f"compact: masks do not match params: only params have {'/'.join(keys)!r}")
   m = np.asarray(m, bool)
   if m.ndim and m.shape != np.shape(leaf):
-    raise ValueError(
-      f"compact: mask for {'/'.join(keys)!r} has shape {m.shape}, parameter has {np.shape(leaf)}"
-    )
+    raise shape_mismatch("/".join(keys), m.shape, np.shape(leaf), "compact")
   return m
 
 
@@ -346,12 +342,7 @@ def compact(
   batch_stats = _to_dict(batch_stats) if batch_stats is not None else None
   if masks is not None:
     masks = _to_dict(masks)
-    ps, ms = jax.tree.structure(params), jax.tree.structure(masks)
-    if ps != ms:
-      raise ValueError(
-        f"compact: masks must have exactly the params' tree structure; params "
-        f"paths {_leaf_paths(params)}, masks paths {_leaf_paths(masks)}"
-      )
+    check_structure(params, masks, "compact")
   names = list(layers) if layers is not None else infer_layers(params, batch_stats)
   if not names:
     raise ValueError("compact: no layers")

@@ -11,7 +11,7 @@ import numpy as np
 from jaxprune import config as config_lib
 from jaxprune.algorithms import base
 from jaxprune.config import Distribution, Include
-from jaxprune.masks import check_masks, dense_mask, random_scores
+from jaxprune.masks import check_structure, dense_mask, random_scores, shape_mismatch
 from jaxprune.paths import path_str
 from jaxprune.structured import SparsityTypeLike
 
@@ -143,18 +143,13 @@ def fixed(
   def init(params):
     if given is None:
       raise ValueError("fixed: config key 'masks' is required")
-    p_def = jax.tree.structure(params)
-    if jax.tree.structure(given) != p_def:
-      check_masks(params, jax.tree.map(jnp.asarray, given))  # names the first differing path
+    check_structure(params, given, "fixed")
 
     def leaf(path, p, m):
       if m.ndim == 0:
         return dense_mask() if bool(m) else jnp.zeros(jnp.shape(p), jnp.bool_)
       if m.shape != jnp.shape(p):
-        raise ValueError(
-          f"fixed: mask at {path_str(path)!r} has shape {m.shape}, "
-          f"its parameter has shape {jnp.shape(p)}"
-        )
+        raise shape_mismatch(path_str(path), m.shape, jnp.shape(p), "fixed")
       return jnp.asarray(m)
 
     return jax.tree_util.tree_map_with_path(leaf, params, given), ()
