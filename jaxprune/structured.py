@@ -70,6 +70,7 @@ __all__ = [
   "incompatibility_notes",
   "nm_mask_from_scores",
   "replace_connections",
+  "replace_groups",
   "block_mask_from_scores",
   "unit_mask_from_scores",
   "unit_norms",
@@ -483,11 +484,15 @@ def group_count(shape: Sequence[int], sparsity_type, axis: Optional[int] = None)
 # Dynamic sparse training within a pattern (SET / RigL drop-and-grow).
 
 
+_NEVER = -1.0
+"""Rank of an entry (group) that must never win a drop-and-grow selection: below every
+real magnitude (>= 0), above the -inf that takes entries out of a selection."""
+
+
 def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
   """Ranking key of every group of ``x``: ``reduce(|x|)`` in float32.
 
-  A group holding a value that must never win ranks lowest, at -1 (below every
-  real magnitude, above the -inf that excludes groups from a selection): a NaN
+  A group holding a value that must never win ranks at :data:`_NEVER`: a NaN
   weight, and for growth (``growth=True``) also a NaN or +-inf score. The
   reduction sees only the other entries (set to 0), so a NaN can neither
   propagate nor, squared or summed, raise the group's score. ``reduce`` and
@@ -496,19 +501,35 @@ def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
   a = jnp.abs(jnp.asarray(x, jnp.float32))
   bad = ~jnp.isfinite(a) if growth else jnp.isnan(a)
   if reduce is None:
-    return jnp.where(bad, -1.0, a)
-  return jnp.where(any_(bad), -1.0, reduce(jnp.where(bad, 0.0, a)))
+    return jnp.where(bad, _NEVER, a)
+  return jnp.where(any_(bad), _NEVER, reduce(jnp.where(bad, 0.0, a)))
 
 
-def _replace_groups(active, magnitude, growth, drop_fraction):
-  """Drop-and-grow over whole groups (1-D arrays): returns (new_active, n_dropped)."""
+def replace_groups(active, magnitude, growth, drop_fraction, regrow_dropped: bool = False):
+  """Drop-and-grow over whole groups (1-D arrays): the one SET/RigL selection rule.
+
+  ``floor(d * n_active)`` active groups with the lowest ``magnitude`` are
+  dropped and as many grown with the highest ``growth`` among the groups
+  inactive before the update (with ``regrow_dropped``, among every group not
+  kept, so a dropped group may come straight back). Keys come from
+  :func:`_group_rank`: a group at :data:`_NEVER` is never grown in place of
+  one with a finite key; without ``regrow_dropped`` the drops are capped at
+  the number of inactive groups with a finite growth key, so nothing is ever
+  grown at a non-finite score; with it, a dropped group with a non-finite key
+  can only take its own place back (inactive ones rank below it). Ties go to
+  the lower index. Returns ``(new_active, n_dropped)``, ``sum(new_active) ==
+  sum(active)``.
+  """
   n_active = jnp.sum(active, dtype=jnp.int32)
-  n_drop = floor_product(drop_fraction, n_active)
-  # Never grow at a non-finite score (-1, see _group_rank): at most as many as
-  # the inactive groups with a finite one.
-  n_drop = jnp.minimum(n_drop, jnp.sum(~active & (growth >= 0), dtype=jnp.int32))
+  n_drop = floor_product(drop_fraction, n_active)  # exact for any n_active
+  finite = growth >= 0
+  if not regrow_dropped:
+    n_drop = jnp.minimum(n_drop, jnp.sum(~active & finite, dtype=jnp.int32))
   kept = topk_mask(jnp.where(active, magnitude, -jnp.inf), n_active - n_drop)
-  grown = topk_mask(jnp.where(active, -jnp.inf, growth), n_drop)
+  excluded = kept if regrow_dropped else active
+  # Below the dropped groups' _NEVER: inactive groups at a non-finite growth key.
+  growth = jnp.where(active | finite, growth, _NEVER - 1.0)
+  grown = topk_mask(jnp.where(excluded, -jnp.inf, growth), n_drop)
   return kept | grown, n_drop
 
 
@@ -532,7 +553,7 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
   grow = groups(move(_group_rank(grow_scores, growth=True)))
   # A group can drop at most min(n, m - n): it regrows among its own inactive
   # slots; and at most as many as it has inactive slots with a finite growth
-  # score (-1 marks a NaN or inf one), so nothing is grown at a non-finite score.
+  # score (_NEVER marks a NaN or inf one), so nothing is grown at a non-finite score.
   finite_slots = jnp.sum(~act & (grow >= 0), axis=-1, dtype=jnp.int32)
   cap = jnp.minimum(min(n, m - n), finite_slots)[:, None]
   eligible = act & (_pairwise_rank(jnp.where(act, mag, jnp.inf), descending=False) < cap)
@@ -548,7 +569,14 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
 
 
 def replace_connections(
-  mask, weights, grow_scores, drop_fraction, sparsity_type, axis: Optional[int] = None
+  mask,
+  weights,
+  grow_scores,
+  drop_fraction,
+  sparsity_type,
+  axis: Optional[int] = None,
+  *,
+  regrow_dropped: bool = False,
 ):
   """One SET/RigL drop-and-grow update that keeps the ``sparsity_type`` pattern.
 
@@ -580,6 +608,9 @@ def replace_connections(
     drop_fraction: fraction of active connections (groups) to replace.
     sparsity_type: the pattern.
     axis: as in :func:`structured_mask`.
+    regrow_dropped: the reference RigL rule (:func:`replace_groups`): growth
+      ranks every position (group) not kept, so one dropped in this update may
+      be grown again at once. Not for N:M.
 
   Returns:
     ``(new_mask, n_replaced)``: the new mask, with as many True entries as
@@ -591,15 +622,18 @@ def replace_connections(
   if reason is not None:
     raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {mask.shape}: {reason}")
   if st.kind == "nm":
+    if regrow_dropped:
+      raise ValueError(f"regrow_dropped is not supported for sparsity_type={st.name!r}")
     return _nm_replace(
       mask, weights, grow_scores, drop_fraction, st.n, st.m, _resolve_axis("nm", mask.ndim, axis)
     )
   if st.kind == "unstructured":
-    new, n_drop = _replace_groups(
+    new, n_drop = replace_groups(
       mask.reshape(-1),
       _group_rank(weights, growth=False).reshape(-1),
       _group_rank(grow_scores, growth=True).reshape(-1),
       drop_fraction,
+      regrow_dropped,
     )
     return new.reshape(mask.shape), n_drop
   if st.kind == "block":
@@ -611,7 +645,7 @@ def replace_connections(
     active = tiles(jnp.any)(mask)
     mag = _group_rank(weights, False, tiles(jnp.sum), tiles(jnp.any))
     grow = _group_rank(grow_scores, True, tiles(jnp.sum), tiles(jnp.any))
-    new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
+    new, n_drop = replace_groups(active, mag, grow, drop_fraction, regrow_dropped)
     full = jnp.broadcast_to(new.reshape(rows // r, 1, cols // c, 1), (rows // r, r, cols // c, c))
     return full.reshape(mask.shape), n_drop * (r * c)
   ax = _resolve_axis("unit", mask.ndim, axis)
@@ -621,7 +655,7 @@ def replace_connections(
   any_ = lambda x: jnp.any(x, axis=other)
   mag = _group_rank(weights, False, norm, any_)
   grow = _group_rank(grow_scores, True, norm, any_)
-  new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
+  new, n_drop = replace_groups(active, mag, grow, drop_fraction, regrow_dropped)
   shape = [1] * mask.ndim
   shape[ax] = mask.shape[ax]
   unit_size = mask.size // max(mask.shape[ax], 1)

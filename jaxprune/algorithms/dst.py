@@ -63,11 +63,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import schedules, topk, training_cost
+from jaxprune import schedules, structured, training_cost
 from jaxprune.algorithms import base
 from jaxprune.config import Distribution, Include
 from jaxprune.masks import is_pruned_mask, random_scores
-from jaxprune.rounding import floor_product
 from jaxprune.structured import SparsityTypeLike
 
 DROP_SCHEDULES = ("cosine", "cosine_from_start", "constant")
@@ -109,22 +108,9 @@ def replace_connections(mask, weights, grow_scores, drop_fraction, regrow_droppe
     ``regrow_dropped``, a dropped entry with a non-finite score may take its
     own place back, ranked below every finite score).
   """
-  n_active = jnp.sum(mask, dtype=jnp.int32)
-  n_drop = floor_product(drop_fraction, n_active)  # exact for any n_active
-  score = jnp.abs(grow_scores).astype(jnp.float32)
-  finite = jnp.isfinite(score)
-  if not regrow_dropped:
-    n_drop = jnp.minimum(n_drop, jnp.sum(~mask & finite, dtype=jnp.int32))
-  magnitude = jnp.abs(weights).astype(jnp.float32)
-  keep_scores = jnp.where(mask, jnp.where(jnp.isnan(magnitude), -1.0, magnitude), -jnp.inf)
-  kept = topk.topk_mask(keep_scores, n_active - n_drop)
-  excluded = kept if regrow_dropped else mask
-  # finite scores first; then (regrow_dropped) dropped entries, which only take
-  # their own places back; never an inactive entry at a non-finite score.
-  fallback = jnp.where(mask, -1.0, -2.0)
-  grow = jnp.where(excluded, -jnp.inf, jnp.where(finite, score, fallback))
-  grown = topk.topk_mask(grow, n_drop)
-  return kept | grown, n_drop
+  return structured.replace_connections(
+    mask, weights, grow_scores, drop_fraction, "unstructured", regrow_dropped=regrow_dropped
+  )
 
 
 def _grow_values(cfg):
@@ -235,14 +221,9 @@ def _dst(name: str, factory, given, grow_scores_fn, dense_gradient=False) -> bas
         new_masks.append(m)
         changed.append(jnp.zeros((), jnp.float32))
         continue
-      if cfg["sparsity_type"] != "unstructured":
-        from jaxprune import structured
-
-        new_m, n_drop = structured.replace_connections(
-          m, w, g, d, cfg["sparsity_type"], cfg["axis"]
-        )
-      else:
-        new_m, n_drop = replace_connections(m, w, g, d, regrow_dropped)
+      new_m, n_drop = structured.replace_connections(
+        m, w, g, d, cfg["sparsity_type"], cfg["axis"], regrow_dropped=regrow_dropped
+      )
       new_masks.append(new_m)
       changed.append(n_drop.astype(jnp.float32) / jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0))
     return (
