@@ -12,10 +12,6 @@ Distribution = Union[str, Callable[..., Any]]
 """A per-leaf sparsity distribution: ``"uniform"``, ``"erk"`` or a callable
 ``(params, sparsity, include) -> tree of per-leaf sparsities``."""
 
-Include = Union[None, str, Callable[[str, Any], bool]]
-"""Which leaves are pruned: None (leaves with ``ndim >= 2``), a regex searched in
-the path string (``"Dense_0/kernel"``) or a callable ``(path, leaf) -> bool``."""
-
 COMMON_KEYS = (
   "sparsity",
   "distribution",
@@ -153,7 +149,7 @@ def require_sparsity(name: str, cfg: Mapping[str, Any]) -> None:
     return
   from jaxprune import structured
 
-  if structured.parse_sparsity_type(cfg["sparsity_type"]).kind != "nm":
+  if structured.parse_sparsity_type(cfg["sparsity_type"]).implied_sparsity is None:
     raise ValueError(
       f"{name}: config key 'sparsity' is required with sparsity_type="
       f"{cfg['sparsity_type']!r} (only an N:M sparsity_type implies it)"

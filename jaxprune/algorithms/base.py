@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprune import distributions, topk
+from jaxprune import distributions, structured, topk
 from jaxprune.masks import dense_mask
 from jaxprune.paths import path_str, pruned_leaves
 from jaxprune.training_cost import constant_sparsity, pruned_on_updates
@@ -78,8 +78,6 @@ def targets(cfg, params):
   """``(pruned, sparsities)``: which leaves are pruned and their final sparsity."""
   pruned = pruned_leaves(params, cfg["include"])
   if cfg["sparsity_type"] != "unstructured":
-    from jaxprune import structured
-
     pruned = structured.select_compatible(params, pruned, cfg)
   sparsity = cfg["sparsity"] if cfg["sparsity"] is not None else 0.0
   sparsities = distributions.resolve(cfg["distribution"], params, sparsity, _as_include(pruned))
@@ -108,16 +106,12 @@ def select(cfg, scores, pruned, keep):
   or of blocks or units for a structured ``sparsity_type``
   (:func:`jaxprune.structured.group_count`); ignored for N:M.
   """
-  stype = cfg["sparsity_type"]
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
 
   def leaf(s, sel, k):
     if not sel:
       return dense_mask()
-    if stype == "unstructured":
-      return topk.topk_mask(s, k)
-    from jaxprune import structured
-
-    return structured.structured_mask(s, None, stype, axis=cfg.get("axis"), keep=k)
+    return structured.structured_mask(s, None, pattern, axis=cfg.get("axis"), keep=k)
 
   return jax.tree.map(leaf, scores, pruned, keep)
 
@@ -127,15 +121,14 @@ def keep_counts(cfg, params, sparsities):
   entries, or blocks or units for a structured ``sparsity_type`` (what
   :func:`select` expects). Leaves that cannot take the pattern get 0 (they are
   never selected)."""
-  stype = cfg["sparsity_type"]
-  if stype == "unstructured":
-    return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)
-  from jaxprune import structured
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
+  axis = cfg.get("axis")
 
   def leaf(p, s):
-    if structured.incompatibility(jnp.shape(p), stype, cfg.get("axis")) is not None:
+    shape = jnp.shape(p)
+    if pattern.incompatibility(shape, axis) is not None:
       return 0
-    return topk.keep_count(structured.group_count(jnp.shape(p), stype, cfg.get("axis")), s)
+    return topk.keep_count(pattern.group_count(shape, axis), s)
 
   return jax.tree.map(leaf, params, sparsities)
 

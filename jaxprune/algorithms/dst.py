@@ -65,8 +65,9 @@ import jax.numpy as jnp
 from jaxprune import config as config_lib
 from jaxprune import schedules, structured, training_cost
 from jaxprune.algorithms import base
-from jaxprune.config import Distribution, Include
+from jaxprune.config import Distribution
 from jaxprune.masks import is_pruned_mask, random_scores
+from jaxprune.paths import Include
 from jaxprune.structured import SparsityTypeLike
 
 DROP_SCHEDULES = ("cosine", "cosine_from_start", "constant")

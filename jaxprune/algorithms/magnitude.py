@@ -14,8 +14,9 @@ import numpy as np
 from jaxprune import config as config_lib
 from jaxprune import schedules, structured, topk, training_cost
 from jaxprune.algorithms import base
-from jaxprune.config import Distribution, Include
+from jaxprune.config import Distribution
 from jaxprune.masks import is_pruned_mask
+from jaxprune.paths import Include
 from jaxprune.rounding import floor_product
 from jaxprune.structured import SparsityTypeLike
 
@@ -112,37 +113,26 @@ def _gradual(name, factory, given) -> base.Algorithm:
   ):
     raise ValueError(f"power must be a positive number, got {cfg['power']!r}")
   t0, t1 = cfg["start_step"], cfg["end_step"]
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
 
   def update(step, params, grads, masks, state):
     pruned, sparsities = base.targets(cfg, params)
     frac = schedules.progress(step, t0, t1)
-    if cfg["sparsity_type"] == "unstructured":
-      keep = jax.tree.map(
-        lambda p, s: schedules.polynomial_keep_count(
-          jnp.size(p), min(s_i, s), s, frac, cfg["power"]
-        ),
-        params,
-        sparsities,
-      )
-    elif structured.parse_sparsity_type(cfg["sparsity_type"]).kind == "nm":
+    if isinstance(pattern, structured.NM):
       return _nm_ramp(cfg, params, masks, pruned, frac), state
-    else:  # blocks and units: the same integer interpolation over the leaf's groups
-      keep = jax.tree.map(
-        lambda p, s, sel: (
-          schedules.polynomial_keep_count(
-            structured.group_count(jnp.shape(p), cfg["sparsity_type"], cfg["axis"]),
-            min(s_i, s),
-            s,
-            frac,
-            cfg["power"],
-          )
-          if sel
-          else 0
-        ),
-        params,
-        sparsities,
-        pruned,
-      )
+    # Entries, blocks or units: the integer interpolation over the leaf's groups.
+    keep = jax.tree.map(
+      lambda p, s, sel: (
+        schedules.polynomial_keep_count(
+          pattern.group_count(jnp.shape(p), cfg["axis"]), min(s_i, s), s, frac, cfg["power"]
+        )
+        if sel
+        else 0
+      ),
+      params,
+      sparsities,
+      pruned,
+    )
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
   is_update = schedules.periodic_updates(t0, t1, cfg["update_every"])

@@ -10,9 +10,9 @@ import numpy as np
 
 from jaxprune import config as config_lib
 from jaxprune.algorithms import base
-from jaxprune.config import Distribution, Include
+from jaxprune.config import Distribution
 from jaxprune.masks import check_structure, dense_mask, random_scores, shape_mismatch
-from jaxprune.paths import path_str
+from jaxprune.paths import Include, path_str
 from jaxprune.structured import SparsityTypeLike
 
 

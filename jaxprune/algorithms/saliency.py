@@ -14,7 +14,8 @@ import jax
 
 from jaxprune.algorithms import base
 from jaxprune.algorithms.magnitude import _global, _gradual
-from jaxprune.config import Distribution, Include
+from jaxprune.config import Distribution
+from jaxprune.paths import Include
 from jaxprune.structured import SparsityTypeLike
 
 

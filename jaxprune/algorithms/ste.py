@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from jaxprune import config as config_lib
 from jaxprune import schedules, training_cost
 from jaxprune.algorithms import base
-from jaxprune.config import Distribution, Include
+from jaxprune.config import Distribution
 from jaxprune.masks import is_pruned_mask
+from jaxprune.paths import Include
 from jaxprune.structured import SparsityTypeLike
 
 SR_STE_DECAY = 2e-4  # λ_W of Zhou et al. 2021
