@@ -8,7 +8,11 @@ that a jitted training step keeps the parameters sparse.
 from jaxprune import compact, export, oneshot, regularizers, schedules, structured
 from jaxprune.algorithms import REGISTRY, Algorithm, config_keys, create, register
 from jaxprune.algorithms.at_init import grasp_masks, snip_masks, synflow_masks
-from jaxprune.algorithms.ste import straight_through
+from jaxprune.algorithms.dst import rigl, set_
+from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, magnitude
+from jaxprune.algorithms.random import dense, fixed, random, static
+from jaxprune.algorithms.saliency import global_saliency, saliency
+from jaxprune.algorithms.ste import sr_ste, ste, straight_through
 from jaxprune.distributions import erk, uniform
 from jaxprune.flops import Flops, LayerFlops, flops
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
@@ -34,23 +38,36 @@ __all__ = [
   "compact",
   "config_keys",
   "create",
+  "dense",
   "erk",
   "export",
+  "fixed",
   "flops",
   "get_masks",
   "get_sparse_state",
+  "global_magnitude",
+  "global_saliency",
+  "gradual_magnitude",
   "grasp_masks",
   "keep_count",
+  "magnitude",
   "magnitude_masks",
   "oneshot",
   "path_str",
+  "random",
   "random_masks",
   "register",
   "regularizers",
   "rescale_init",
+  "rigl",
+  "saliency",
   "schedules",
+  "set_",
   "snip_masks",
   "sparsify",
+  "sr_ste",
+  "static",
+  "ste",
   "straight_through",
   "structured",
   "summary",

@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.masks import check_structure, shape_mismatch
 from jaxprune.paths import path_str
 
 __all__ = ["Compacted", "compact", "infer_layers"]
@@ -280,16 +281,11 @@ def _mask_of(masks, keys, leaf):
   if masks is None:
     return None
   m = _get(masks, keys)
-  if m is None:
-    raise ValueError(
-      f"compact: masks has no entry for {'/'.join(keys)!r}; masks must have "
-      "exactly the params' tree structure"
-    )
+  if m is None:  # not reached after check_structure; the same message if it were
+    raise ValueError(f"compact: masks do not match params: only params have {'/'.join(keys)!r}")
   m = np.asarray(m, bool)
   if m.ndim and m.shape != np.shape(leaf):
-    raise ValueError(
-      f"compact: mask for {'/'.join(keys)!r} has shape {m.shape}, parameter has {np.shape(leaf)}"
-    )
+    raise shape_mismatch("/".join(keys), m.shape, np.shape(leaf), "compact")
   return m
 
 
@@ -346,19 +342,34 @@ def compact(
   batch_stats = _to_dict(batch_stats) if batch_stats is not None else None
   if masks is not None:
     masks = _to_dict(masks)
-    ps, ms = jax.tree.structure(params), jax.tree.structure(masks)
-    if ps != ms:
-      raise ValueError(
-        f"compact: masks must have exactly the params' tree structure; params "
-        f"paths {_leaf_paths(params)}, masks paths {_leaf_paths(masks)}"
-      )
+    check_structure(params, masks, "compact")
   names = list(layers) if layers is not None else infer_layers(params, batch_stats)
   if not names:
     raise ValueError("compact: no layers")
   specs = [_classify(n, params, batch_stats) for n in names]
   _check_coverage(specs, params, batch_stats)
+  stages = _stages(specs)
+  lin, bns = _working_copies(stages, params, masks, batch_stats)
+  spatial = _spatial_factors(stages, lin)  # checks the chain's sizes before changing anything
 
-  # Group into (linear, bn-or-None) stages.
+  kept, notes = {}, {}
+  for i in range(len(lin) - 1):
+    name = stages[i][0].name
+    kept[name], note = _remove_dead_units(
+      stages[i + 1][0], lin[i], lin[i + 1], bns[i], spatial[i], act, epsilon, conv_padding
+    )
+    if note:
+      notes[name] = note
+
+  new_params, new_stats, new_masks = _write_back(params, masks, batch_stats, stages, lin, bns)
+  widths = [int(rec["kernel"].value.shape[-1]) for rec in lin]
+  features = {spec.name: w for (spec, _), w in zip(stages, widths)}
+  kept[stages[-1][0].name] = np.arange(widths[-1])
+  return Compacted(new_params, new_stats, new_masks, widths, features, kept, notes)
+
+
+def _stages(specs) -> list[list]:
+  """The layers grouped into ``[linear, batchnorm-or-None]`` stages, in order."""
   stages: list[list] = []
   for spec in specs:
     if spec.kind == "bn":
@@ -374,8 +385,12 @@ def compact(
           "only Conv stacks followed by Dense layers are supported"
         )
       stages.append([spec, None])
+  return stages
 
-  # Working copies.
+
+def _working_copies(stages, params, masks, batch_stats):
+  """``(lin, bns)``: per stage, the linear layer's and the BatchNorm's leaves as
+  :class:`_Leaf` working copies (BatchNorm None where there is none), shapes checked."""
   lin, bns = [], []
   for spec, bn in stages:
     p = _get(params, spec.keys)
@@ -404,8 +419,13 @@ def compact(
       raise ValueError(
         f"compact: {stages[i][0].name}/bias has shape {rec['bias'].value.shape}, expected ({out},)"
       )
+  return lin, bns
 
-  # Check the chain's sizes before changing anything.
+
+def _spatial_factors(stages, lin) -> list[int]:
+  """Per link between stages, how many input rows of the next kernel each unit
+  feeds: 1, or the spatial size of a Conv -> Dense flatten; raises for a chain
+  whose sizes do not connect."""
   spatial = []
   for i in range(len(lin) - 1):
     c = lin[i]["kernel"].value.shape[-1]
@@ -425,64 +445,81 @@ def compact(
           f"of the {c} channels of {a.name!r} (flatten or pooling expected). " + _CHAIN_HELP
         )
       spatial.append(nxt.shape[0] // c)
+  return spatial
 
-  kept, notes = {}, {}
-  for i in range(len(lin) - 1):
-    spec, nxt_spec = stages[i][0], stages[i + 1][0]
-    rec, nxt, bn = lin[i], lin[i + 1], bns[i]
-    kern = rec["kernel"]
-    n_out = kern.value.shape[-1]
-    dead = ~kern.full_mask().reshape(-1, n_out).any(axis=0)
-    z = rec["bias"].value.astype(np.float32) if "bias" in rec else np.zeros(n_out, np.float32)
-    if bn is not None:
-      z = _bn_constant(z, {k: v.value for k, v in bn.items()}, epsilon)
-    const = np.asarray(act(jnp.asarray(z, jnp.float32)), np.float64)
 
-    can_fold, why = True, ""
-    if "bias" not in nxt:
-      can_fold, why = False, f"{nxt_spec.name!r} has no bias to fold it into"
-    elif nxt_spec.kind == "conv" and conv_padding != "VALID":
-      can_fold, why = (
-        False,
-        (
-          f"{nxt_spec.name!r} is a Conv with {conv_padding} padding, where "
-          "a constant input is not constant at the borders"
-        ),
-      )
-    removable = dead & ((const == 0) | can_fold)
-    if np.any(dead & ~removable):
-      notes[spec.name] = (
-        f"{int(np.sum(dead & ~removable))} all-pruned units kept: their "
-        f"constant output is not 0 and {why}"
-      )
-    keep = np.flatnonzero(~removable)
-    kept[spec.name] = keep
-    if keep.size == n_out:
-      continue
-    gone = np.flatnonzero(removable)
-    a_gone = const[gone]
-    s = spatial[i]
-    w = nxt["kernel"].value.astype(np.float64)
-    if nxt_spec.kind == "conv":
-      delta = (np.take(w, gone, axis=-2) * a_gone[:, None]).reshape(-1, w.shape[-1]).sum(0)
-      nxt["kernel"].take(keep, axis=-2)
-    else:
-      wr = w.reshape(s, n_out, w.shape[-1])
-      delta = np.einsum("c,sco->o", a_gone, wr[:, gone, :])
-      nxt["kernel"].reshape_rows(s, n_out, keep)
-    if np.any(delta != 0):
-      bias = nxt["bias"]
-      bias.value = (bias.value.astype(np.float64) + delta).astype(bias.dtype)
-      if bias.mask is not None and bias.mask.ndim > 0:
-        bias.mask = bias.mask | (delta != 0)
-    kern.take(keep, axis=-1)
-    if "bias" in rec:
-      rec["bias"].take(keep, axis=0)
-    if bn is not None:
-      for leaf in bn.values():
-        leaf.take(keep, axis=0)
+def _constant_outputs(rec, bn, act, epsilon) -> np.ndarray:
+  """What every unit outputs when its kernel column is all zero: ``act(bias)``,
+  through the BatchNorm when there is one (float64)."""
+  n_out = rec["kernel"].value.shape[-1]
+  z = rec["bias"].value.astype(np.float32) if "bias" in rec else np.zeros(n_out, np.float32)
+  if bn is not None:
+    z = _bn_constant(z, {k: v.value for k, v in bn.items()}, epsilon)
+  return np.asarray(act(jnp.asarray(z, jnp.float32)), np.float64)
 
-  # Write back into copies of the trees.
+
+def _why_no_fold(nxt_spec, nxt, conv_padding) -> str:
+  """Why a constant unit output cannot be folded into the next layer ("" if it can)."""
+  if "bias" not in nxt:
+    return f"{nxt_spec.name!r} has no bias to fold it into"
+  if nxt_spec.kind == "conv" and conv_padding != "VALID":
+    return (
+      f"{nxt_spec.name!r} is a Conv with {conv_padding} padding, where "
+      "a constant input is not constant at the borders"
+    )
+  return ""
+
+
+def _fold_into_next(nxt_spec, nxt, gone, const, keep, n_out, spatial):
+  """Drops the input rows of removed units ``gone`` from the next layer's kernel,
+  adding their constant output ``const`` times those rows to its bias."""
+  a_gone = const[gone]
+  w = nxt["kernel"].value.astype(np.float64)
+  if nxt_spec.kind == "conv":
+    delta = (np.take(w, gone, axis=-2) * a_gone[:, None]).reshape(-1, w.shape[-1]).sum(0)
+    nxt["kernel"].take(keep, axis=-2)
+  else:
+    wr = w.reshape(spatial, n_out, w.shape[-1])
+    delta = np.einsum("c,sco->o", a_gone, wr[:, gone, :])
+    nxt["kernel"].reshape_rows(spatial, n_out, keep)
+  if np.any(delta != 0):
+    bias = nxt["bias"]
+    bias.value = (bias.value.astype(np.float64) + delta).astype(bias.dtype)
+    if bias.mask is not None and bias.mask.ndim > 0:
+      bias.mask = bias.mask | (delta != 0)
+
+
+def _remove_dead_units(nxt_spec, rec, nxt, bn, spatial, act, epsilon, conv_padding):
+  """Removes one stage's all-pruned units that can go (constant output 0, or
+  foldable into the next layer's bias), in place: ``(kept unit indices, note)``
+  where the note says why some all-pruned units stay ("" when none do)."""
+  kern = rec["kernel"]
+  n_out = kern.value.shape[-1]
+  dead = ~kern.full_mask().reshape(-1, n_out).any(axis=0)
+  const = _constant_outputs(rec, bn, act, epsilon)
+  why = _why_no_fold(nxt_spec, nxt, conv_padding)
+  removable = dead & ((const == 0) | (why == ""))
+  note = ""
+  if np.any(dead & ~removable):
+    note = (
+      f"{int(np.sum(dead & ~removable))} all-pruned units kept: their "
+      f"constant output is not 0 and {why}"
+    )
+  keep = np.flatnonzero(~removable)
+  if keep.size == n_out:
+    return keep, note
+  _fold_into_next(nxt_spec, nxt, np.flatnonzero(removable), const, keep, n_out, spatial)
+  kern.take(keep, axis=-1)
+  if "bias" in rec:
+    rec["bias"].take(keep, axis=0)
+  if bn is not None:
+    for leaf in bn.values():
+      leaf.take(keep, axis=0)
+  return keep, note
+
+
+def _write_back(params, masks, batch_stats, stages, lin, bns):
+  """``(params, batch_stats, masks)``: copies of the trees with the stages' new leaves."""
   new_params = _to_dict(params)
   new_masks = _to_dict(masks) if masks is not None else None
   new_stats = _to_dict(batch_stats) if batch_stats is not None else None
@@ -500,7 +537,4 @@ def compact(
         _set(new_params, bn_spec.keys + (k,), jnp.asarray(leaf.value, leaf.dtype))
         if new_masks is not None:
           _set(new_masks, bn_spec.keys + (k,), jnp.asarray(leaf.mask))
-  widths = [int(rec["kernel"].value.shape[-1]) for rec in lin]
-  features = {spec.name: w for (spec, _), w in zip(stages, widths)}
-  kept[stages[-1][0].name] = np.arange(widths[-1])
-  return Compacted(new_params, new_stats, new_masks, widths, features, kept, notes)
+  return new_params, new_stats, new_masks

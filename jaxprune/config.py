@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Union
 
 from jaxprune.paths import include_fn
+
+Distribution = Union[str, Callable[..., Any]]
+"""A per-leaf sparsity distribution: ``"uniform"``, ``"erk"`` or a callable
+``(params, sparsity, include) -> tree of per-leaf sparsities``."""
 
 COMMON_KEYS = (
   "sparsity",
@@ -56,21 +61,53 @@ def validate(
   valid keys.
   """
   extra_keys = {**{k: None for k in STRUCTURED_KEYS}, **dict(extra_keys)}
-  valid = set(COMMON_KEYS) | set(extra_keys)
-  unknown = sorted(set(config) - valid)
+  check_known(name, config, (*COMMON_KEYS, *extra_keys))
+  cfg = {**extra_keys, **{k: None for k in COMMON_KEYS}, **dict(defaults)}
+  cfg.update({k: v for k, v in config.items() if v is not None})
+  return _checked(cfg)
+
+
+def check_known(name: str, config: Mapping[str, Any], valid) -> None:
+  """Raises ValueError naming algorithm ``name`` and every key of ``config`` not in ``valid``."""
+  unknown = sorted(set(config) - set(valid))
   if unknown:
     raise ValueError(
       f"{name}: unknown config key(s) {', '.join(map(repr, unknown))}; "
       f"valid keys are: {', '.join(sorted(valid))}"
     )
-  cfg = {**extra_keys, **{k: None for k in COMMON_KEYS}, **dict(defaults)}
-  cfg.update({k: v for k, v in config.items() if v is not None})
 
+
+def signature_keys(factory: Callable) -> tuple[str, ...] | None:
+  """The keyword-only parameters of a typed algorithm factory, in order; None for a
+  factory that takes ``**config`` (its keys are known only to itself)."""
+  params = inspect.signature(factory).parameters.values()
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    return None
+  return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def from_signature(name: str, factory: Callable, given: Mapping[str, Any]) -> dict:
+  """Checks the keyword arguments ``given`` to the typed factory ``factory`` of
+  algorithm ``name``: a None value takes the signature's default; ranges and types
+  are checked as in :func:`validate`, each error naming its key."""
+  defaults = {
+    p.name: p.default
+    for p in inspect.signature(factory).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+  }
+  check_known(name, given, defaults)
+  cfg = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+  return _checked(cfg)
+
+
+def _checked(cfg: dict) -> dict:
+  """The range and type checks shared by every algorithm; normalises ``cfg`` in place."""
   stype = cfg.get("sparsity_type") or "unstructured"
   if stype != "unstructured":
     from jaxprune import structured
 
-    structured.parse_sparsity_type(stype)
+    pattern = structured.parse_sparsity_type(stype)
+    stype = stype if isinstance(stype, str) else pattern.name  # config holds strings
   cfg["sparsity_type"] = stype
   if cfg["axis"] is not None and (
     isinstance(cfg["axis"], bool) or not isinstance(cfg["axis"], numbers.Integral)
@@ -112,7 +149,7 @@ def require_sparsity(name: str, cfg: Mapping[str, Any]) -> None:
     return
   from jaxprune import structured
 
-  if structured.parse_sparsity_type(cfg["sparsity_type"]).kind != "nm":
+  if structured.parse_sparsity_type(cfg["sparsity_type"]).implied_sparsity is None:
     raise ValueError(
       f"{name}: config key 'sparsity' is required with sparsity_type="
       f"{cfg['sparsity_type']!r} (only an N:M sparsity_type implies it)"

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from jaxprune.masks import check_structure
 from jaxprune.paths import path_str
 
 __all__ = [
@@ -75,12 +76,6 @@ def _is_scalar_true(m) -> bool:
   return np.ndim(m) == 0 and bool(m)
 
 
-def _check_masks(params, masks):
-  ps, ms = jax.tree.structure(params), jax.tree.structure(masks)
-  if ps != ms:
-    raise ValueError(f"masks must have exactly the params' tree structure: {ps} vs {ms}")
-
-
 # ----------------------------------------------------------------------------
 # BCOO.
 
@@ -94,7 +89,7 @@ def to_bcoo(params, masks):
   False mask gives an all-zero dense leaf). Not jit-able: the number of stored
   entries depends on the mask.
   """
-  _check_masks(params, masks)
+  check_structure(params, masks)
 
   def convert(p, m):
     m = np.asarray(m, bool)
@@ -320,7 +315,7 @@ def save_compressed(
     raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   if masks is not None:
-    _check_masks(params, masks)
+    check_structure(params, masks)
     mask_leaves = jax.tree.leaves(masks)
   else:
     mask_leaves = [None] * len(flat)

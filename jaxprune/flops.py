@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
+from jaxprune.masks import check_structure, shape_mismatch
 from jaxprune.paths import path_str
 
 NO_PARAMETER = "(no parameter)"
@@ -212,9 +213,7 @@ def _density(mask, param, path: str) -> float:
   try:
     m = np.broadcast_to(m, shape)
   except ValueError:
-    raise ValueError(
-      f"flops: mask of {path!r} has shape {m.shape}, parameter has shape {shape}"
-    ) from None
+    raise shape_mismatch(path, m.shape, shape, "flops") from None
   return float(m.mean()) if m.size else 1.0
 
 
@@ -248,15 +247,8 @@ def flops(apply_fn: Callable, params: Any, masks: Optional[Any], example_input: 
   if masks is None:
     densities = [1.0] * len(leaves)
   else:
-    mflat, mdef = jax.tree_util.tree_flatten_with_path(masks)
-    if mdef != treedef:
-      mpaths = {path_str(p) for p, _ in mflat}
-      missing = [p for p in paths if p not in mpaths] or sorted(mpaths - set(paths))
-      raise ValueError(
-        "flops: masks must have exactly the params' tree structure; "
-        f"first mismatching path: {missing[0] if missing else '<structure>'!r}"
-      )
-    densities = [_density(m, x, p) for (_, m), x, p in zip(mflat, leaves, paths)]
+    check_structure(params, masks, "flops")
+    densities = [_density(m, x, p) for m, x, p in zip(jax.tree.leaves(masks), leaves, paths)]
 
   def fn(leaves, x):
     return apply_fn(jax.tree.unflatten(treedef, leaves), x)

@@ -27,30 +27,52 @@ def is_pruned_mask(mask) -> bool:
   return jnp.ndim(mask) > 0
 
 
-def check_masks(params, masks) -> None:
-  """Raises ValueError naming the first path where ``masks`` does not fit ``params``."""
+def _prefix(caller: str) -> str:
+  return f"{caller}: " if caller else ""
+
+
+def check_structure(params, masks, caller: str = "") -> None:
+  """Raises ValueError naming the first path where ``masks``' tree structure
+  differs from ``params``' (the one message every masks check gives; ``caller``,
+  when given, prefixes it: ``"compact: masks do not match params: ..."``)."""
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
   m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks)
+  if p_def == m_def:
+    return
+  head = f"{_prefix(caller)}masks do not match params"
   p_paths = [path_str(p) for p, _ in p_flat]
   m_paths = [path_str(p) for p, _ in m_flat]
-  if p_def != m_def:
-    for pp, mp in zip(p_paths, m_paths):
-      if pp != mp:
-        raise ValueError(f"masks do not match params: params have {pp!r} where masks have {mp!r}")
-    if len(p_paths) != len(m_paths):
-      longer, name = (p_paths, "params") if len(p_paths) > len(m_paths) else (m_paths, "masks")
-      raise ValueError(
-        f"masks do not match params: only {name} have {longer[min(len(p_paths), len(m_paths))]!r}"
-      )
-    raise ValueError(f"masks do not match params: tree structures differ ({m_def} vs {p_def})")
-  for path, (_, p), (_, m) in zip(p_paths, p_flat, m_flat):
+  for pp, mp in zip(p_paths, m_paths):
+    if pp != mp:
+      raise ValueError(f"{head}: params have {pp!r} where masks have {mp!r}")
+  if len(p_paths) != len(m_paths):
+    longer, name = (p_paths, "params") if len(p_paths) > len(m_paths) else (m_paths, "masks")
+    raise ValueError(f"{head}: only {name} have {longer[min(len(p_paths), len(m_paths))]!r}")
+  raise ValueError(f"{head}: tree structures differ ({m_def} vs {p_def})")
+
+
+def shape_mismatch(path: str, mask_shape, param_shape, caller: str = "") -> ValueError:
+  """The error for a mask leaf whose shape does not fit its parameter."""
+  return ValueError(
+    f"{_prefix(caller)}masks do not match params at {path!r}: mask shape "
+    f"{tuple(mask_shape)} vs parameter shape {tuple(param_shape)}"
+  )
+
+
+def check_masks(params, masks, caller: str = "") -> None:
+  """Raises ValueError naming the first path where ``masks`` does not fit ``params``:
+  the tree structure (:func:`check_structure`), then per leaf a bool mask that is
+  a scalar or has its parameter's shape."""
+  check_structure(params, masks, caller)
+  p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, p), m in zip(p_flat, jax.tree.leaves(masks)):
     if jnp.ndim(m) and jnp.shape(m) != jnp.shape(p):
-      raise ValueError(
-        f"masks do not match params at {path!r}: mask shape {jnp.shape(m)} "
-        f"vs parameter shape {jnp.shape(p)}"
-      )
+      raise shape_mismatch(path_str(path), jnp.shape(m), jnp.shape(p), caller)
     if jnp.result_type(m) != jnp.bool_:
-      raise ValueError(f"mask at {path!r} has dtype {jnp.result_type(m)}; masks must be bool")
+      raise ValueError(
+        f"{_prefix(caller)}mask at {path_str(path)!r} has dtype {jnp.result_type(m)}; "
+        "masks must be bool"
+      )
 
 
 def zero_masked(tree, masks, skip_scalar_masks: bool = True):

@@ -48,7 +48,7 @@ from jaxprune.compact import compact, infer_layers
 from jaxprune.masks import dense_mask, is_pruned_mask
 from jaxprune.paths import path_str
 from jaxprune.sparsify import SparseState, get_sparse_state
-from jaxprune.structured import parse_sparsity_type
+from jaxprune.structured import Units, parse_sparsity_type
 
 __all__ = [
   "UnitIndex",
@@ -287,7 +287,7 @@ def tie_units(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> A
     ValueError: for another ``sparsity_type``.
   """
   stype = algorithm.config.get("sparsity_type", "unstructured")
-  if parse_sparsity_type(stype).kind != "unit":
+  if not isinstance(parse_sparsity_type(stype), Units):
     raise ValueError(
       f"tie_units: {algorithm.name} has sparsity_type={stype!r}; shrinking needs whole "
       "units: sparsity_type='neuron' or 'channel'"

@@ -41,16 +41,23 @@ score (a tile or unit holding one, below every real tile or unit), but above
 -inf, which excludes an entry (its tile or unit): pruning by ``masked_magnitude``
 scores never brings back a pruned entry ahead of an active NaN weight.
 
+Each string parses once (:func:`parse_sparsity_type`) into a small frozen
+pattern value, :class:`Unstructured`, :class:`NM`, :class:`Block` or
+:class:`Units`, which every function here also accepts in place of the string
+(``sparsity_type=NM(2, 4)``); the pattern holds the per-kind rules (which shapes
+fit, how groups are counted, masks, drop-and-grow).
+
 Every mask-producing function here is jit-able: shapes are static, and the
 ``sparsity`` of block and neuron masks may be a traced scalar.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +69,10 @@ from jaxprune.topk import topk_mask
 
 __all__ = [
   "SparsityType",
+  "Unstructured",
+  "NM",
+  "Block",
+  "Units",
   "parse_sparsity_type",
   "nm_sparsity",
   "incompatibility",
@@ -70,6 +81,7 @@ __all__ = [
   "incompatibility_notes",
   "nm_mask_from_scores",
   "replace_connections",
+  "replace_groups",
   "block_mask_from_scores",
   "unit_mask_from_scores",
   "unit_norms",
@@ -79,8 +91,22 @@ __all__ = [
 ]
 
 
-class SparsityType(NamedTuple):
-  """A parsed ``sparsity_type``.
+class _PatternMeta(type):
+  """Lets ``SparsityType(kind, n, m, block, name)``, the constructor of the former
+  NamedTuple, keep building the matching pattern (deprecated: build :class:`NM`,
+  :class:`Block`, :class:`Units` or :class:`Unstructured`, or parse a string)."""
+
+  def __call__(cls, *args, **kwargs):
+    if cls is SparsityType:
+      return _from_fields(*args, **kwargs)
+    return super().__call__(*args, **kwargs)
+
+
+class SparsityType(metaclass=_PatternMeta):
+  """A parsed ``sparsity_type``: one of :class:`Unstructured`, :class:`NM`,
+  :class:`Block` or :class:`Units`, each a small frozen value that knows which
+  shapes it fits, how it counts groups, how it makes a mask from scores and how
+  SET/RigL replace connections within it.
 
   Attributes:
     kind: ``"unstructured"``, ``"nm"``, ``"block"`` or ``"unit"`` (neurons and
@@ -89,13 +115,221 @@ class SparsityType(NamedTuple):
     m: group size (N:M only, else 0).
     block: ``(R, C)`` tile shape (blocks only, else ``()``).
     name: the canonical string (``"2:4"``, ``"block:4x4"``, ``"neuron"``...).
+    implied_sparsity: ``1 - N/M`` for N:M, else None (the pattern does not fix it).
+    uses_axis: whether ``axis`` applies (N:M groups, neuron/channel units).
   """
 
-  kind: str
-  n: int = 0
-  m: int = 0
-  block: tuple = ()
-  name: str = "unstructured"
+  kind = ""
+  name = ""
+  n = 0
+  m = 0
+  block = ()
+  implied_sparsity = None
+  uses_axis = False
+
+  def default_axis(self, ndim: int) -> int:
+    return -2 if ndim >= 2 else 0
+
+  def resolve_axis(self, ndim: int, axis: Optional[int]) -> int:
+    """Non-negative axis on an array of rank ``ndim`` (may raise)."""
+    a = self.default_axis(ndim) if axis is None else int(axis)
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis={axis} is out of range for a rank-{ndim} leaf")
+    return a % ndim
+
+  def incompatibility(self, shape: tuple, axis: Optional[int]) -> Optional[str]:
+    """Why a leaf of ``shape`` cannot take the pattern, or None."""
+    return None
+
+  def group_count(self, shape: tuple, axis: Optional[int]) -> int:
+    """How many groups a ``sparsity`` counts (entries by default)."""
+    return math.prod(shape)
+
+  def mask(self, scores: jax.Array, sparsity, axis: Optional[int], keep) -> jax.Array:
+    """The mask of ``scores`` (of a compatible shape) keeping ``keep`` groups, or
+    ``G - floor(s G)`` when ``keep`` is None."""
+    raise NotImplementedError
+
+  def replace(self, mask, weights, grow_scores, drop_fraction, axis, regrow_dropped):
+    """One drop-and-grow update of a compatible ``mask``: ``(new_mask, n_replaced)``."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured(SparsityType):
+  """Any entries (the library default)."""
+
+  kind = "unstructured"
+  name = "unstructured"
+
+  def mask(self, scores, sparsity, axis, keep):
+    return topk_mask(scores, _count_to_keep(scores.size, sparsity) if keep is None else keep)
+
+  def replace(self, mask, weights, grow_scores, drop_fraction, axis, regrow_dropped):
+    new, n_drop = replace_groups(
+      mask.reshape(-1),
+      _group_rank(weights, growth=False).reshape(-1),
+      _group_rank(grow_scores, growth=True).reshape(-1),
+      drop_fraction,
+      regrow_dropped,
+    )
+    return new.reshape(mask.shape), n_drop
+
+
+@dataclasses.dataclass(frozen=True)
+class NM(SparsityType):
+  """``n`` kept in every group of ``m`` consecutive entries along ``axis``."""
+
+  n: int
+  m: int
+  kind = "nm"
+  uses_axis = True
+
+  def __post_init__(self):
+    if not 1 <= self.n <= self.m:
+      raise ValueError(f"N:M needs 1 <= N <= M (got N={self.n}, M={self.m})")
+
+  @property
+  def name(self) -> str:
+    return f"{self.n}:{self.m}"
+
+  @property
+  def implied_sparsity(self) -> float:
+    return 1.0 - self.n / self.m
+
+  def incompatibility(self, shape, axis):
+    if not shape:
+      return f"{self.name} needs an array, got a scalar"
+    try:
+      a = self.resolve_axis(len(shape), axis)
+    except ValueError as e:
+      return f"{self.name}: {e}"
+    if shape[a] % self.m:
+      return f"{self.name}: axis {a} has size {shape[a]}, not divisible by M={self.m}"
+    return None
+
+  def mask(self, scores, sparsity, axis, keep):
+    return nm_mask_from_scores(scores, self.n, self.m, self.resolve_axis(scores.ndim, axis))
+
+  def replace(self, mask, weights, grow_scores, drop_fraction, axis, regrow_dropped):
+    if regrow_dropped:
+      raise ValueError(f"regrow_dropped is not supported for sparsity_type={self.name!r}")
+    ax = self.resolve_axis(mask.ndim, axis)
+    return _nm_replace(mask, weights, grow_scores, drop_fraction, self.n, self.m, ax)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(SparsityType):
+  """Whole ``rows x cols`` tiles of the matrix view ``(prod(shape[:-1]), shape[-1])``."""
+
+  rows: int
+  cols: int
+  kind = "block"
+
+  def __post_init__(self):
+    if self.rows < 1 or self.cols < 1:
+      raise ValueError(f"block sizes must be >= 1 (got {self.rows}x{self.cols})")
+
+  @property
+  def block(self) -> tuple:
+    return (self.rows, self.cols)
+
+  @property
+  def name(self) -> str:
+    return f"block:{self.rows}x{self.cols}"
+
+  def incompatibility(self, shape, axis):
+    if len(shape) < 2:
+      return f"{self.name} needs a kernel with ndim >= 2, got shape {shape}"
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    reasons = []
+    if rows % self.rows:
+      reasons.append(f"{rows} rows (prod of all but the last axis) not divisible by R={self.rows}")
+    if cols % self.cols:
+      reasons.append(f"{cols} columns (last axis) not divisible by C={self.cols}")
+    return f"{self.name}: " + " and ".join(reasons) if reasons else None
+
+  def group_count(self, shape, axis):
+    return (math.prod(shape[:-1]) // self.rows) * (shape[-1] // self.cols)
+
+  def mask(self, scores, sparsity, axis, keep):
+    return block_mask_from_scores(scores, sparsity, self.block, keep=keep)
+
+  def replace(self, mask, weights, grow_scores, drop_fraction, axis, regrow_dropped):
+    r, c = self.block
+    rows, cols = math.prod(mask.shape[:-1]), mask.shape[-1]
+    tiles = lambda red: (
+      lambda x: red(x.reshape(rows // r, r, cols // c, c), axis=(1, 3)).reshape(-1)
+    )
+    active = tiles(jnp.any)(mask)
+    mag = _group_rank(weights, False, tiles(jnp.sum), tiles(jnp.any))
+    grow = _group_rank(grow_scores, True, tiles(jnp.sum), tiles(jnp.any))
+    new, n_drop = replace_groups(active, mag, grow, drop_fraction, regrow_dropped)
+    full = jnp.broadcast_to(new.reshape(rows // r, 1, cols // c, 1), (rows // r, r, cols // c, c))
+    return full.reshape(mask.shape), n_drop * (r * c)
+
+
+@dataclasses.dataclass(frozen=True)
+class Units(SparsityType):
+  """Whole output units (slices along ``axis``, default -1); ``name`` is
+  ``"neuron"`` or ``"channel"`` (synonyms)."""
+
+  name: str = "neuron"
+  kind = "unit"
+  uses_axis = True
+
+  def __post_init__(self):
+    if self.name not in ("neuron", "channel"):
+      raise ValueError(f"Units name must be 'neuron' or 'channel', got {self.name!r}")
+
+  def default_axis(self, ndim):
+    return -1
+
+  def incompatibility(self, shape, axis):
+    if len(shape) < 2:
+      return f"{self.name} pruning needs a kernel with ndim >= 2, got shape {shape}"
+    try:
+      self.resolve_axis(len(shape), axis)
+    except ValueError as e:
+      return f"{self.name}: {e}"
+    return None
+
+  def group_count(self, shape, axis):
+    return shape[self.resolve_axis(len(shape), axis)]
+
+  def mask(self, scores, sparsity, axis, keep):
+    return unit_mask_from_scores(scores, sparsity, self.resolve_axis(scores.ndim, axis), keep=keep)
+
+  def replace(self, mask, weights, grow_scores, drop_fraction, axis, regrow_dropped):
+    ax = self.resolve_axis(mask.ndim, axis)
+    other = tuple(i for i in range(mask.ndim) if i != ax)
+    active = jnp.any(mask, axis=other)
+    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=other))
+    any_ = lambda x: jnp.any(x, axis=other)
+    mag = _group_rank(weights, False, norm, any_)
+    grow = _group_rank(grow_scores, True, norm, any_)
+    new, n_drop = replace_groups(active, mag, grow, drop_fraction, regrow_dropped)
+    shape = [1] * mask.ndim
+    shape[ax] = mask.shape[ax]
+    unit_size = mask.size // max(mask.shape[ax], 1)
+    return jnp.broadcast_to(new.reshape(shape), mask.shape), n_drop * unit_size
+
+
+def _from_fields(kind, n=0, m=0, block=(), name="unstructured") -> SparsityType:
+  """The pattern the former ``SparsityType(kind, n, m, block, name)`` NamedTuple named."""
+  if kind == "unstructured":
+    return Unstructured()
+  if kind == "nm":
+    return NM(n, m)
+  if kind == "block":
+    return Block(*block)
+  if kind == "unit":
+    return Units(name)
+  raise ValueError(f"unknown sparsity pattern kind {kind!r}")
+
+
+SparsityTypeLike = Union[str, SparsityType]
+"""A ``sparsity_type`` argument: one of the strings above or a parsed pattern."""
 
 
 class SparsityTypeError(ValueError, TypeError):
@@ -111,11 +345,12 @@ _HELP = (
 
 
 def parse_sparsity_type(sparsity_type) -> SparsityType:
-  """Parses and validates a ``sparsity_type`` string.
+  """Parses and validates a ``sparsity_type`` string into its pattern.
 
   Accepts ``"unstructured"``, ``"N:M"`` (``1 <= N <= M``), ``"block:RxC"``
   (``R, C >= 1``), ``"neuron"`` and ``"channel"``; case and surrounding
-  whitespace are ignored. A :class:`SparsityType` passes through unchanged.
+  whitespace are ignored. A pattern (:class:`SparsityType`) passes through
+  unchanged. Strings are parsed once (cached).
 
   Raises:
     ValueError: naming ``sparsity_type`` and the bad value, for ``"3:2"``,
@@ -130,11 +365,16 @@ def parse_sparsity_type(sparsity_type) -> SparsityType:
       f"sparsity_type must be a string, got {sparsity_type!r} "
       f"of type {type(sparsity_type).__name__}; {_HELP}"
     )
+  return _parse_string(sparsity_type)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_string(sparsity_type: str) -> SparsityType:
   s = sparsity_type.strip().lower()
   if s == "unstructured":
-    return SparsityType("unstructured", name="unstructured")
+    return Unstructured()
   if s in ("neuron", "channel"):
-    return SparsityType("unit", name=s)
+    return Units(s)
   match = _NM_RE.match(s)
   if match:
     n, m = int(match.group(1)), int(match.group(2))
@@ -142,7 +382,7 @@ def parse_sparsity_type(sparsity_type) -> SparsityType:
       raise ValueError(
         f"sparsity_type={sparsity_type!r}: N:M needs 1 <= N <= M (got N={n}, M={m}); {_HELP}"
       )
-    return SparsityType("nm", n=n, m=m, name=f"{n}:{m}")
+    return NM(n, m)
   match = _BLOCK_RE.match(s)
   if match:
     r, c = int(match.group(1)), int(match.group(2))
@@ -150,7 +390,7 @@ def parse_sparsity_type(sparsity_type) -> SparsityType:
       raise ValueError(
         f"sparsity_type={sparsity_type!r}: block sizes must be >= 1 (got {r}x{c}); {_HELP}"
       )
-    return SparsityType("block", block=(r, c), name=f"block:{r}x{c}")
+    return Block(r, c)
   raise ValueError(f"sparsity_type={sparsity_type!r} is not a known sparsity type; {_HELP}")
 
 
@@ -164,26 +404,12 @@ def nm_sparsity(sparsity_type) -> float:
   Raises:
     ValueError: if ``sparsity_type`` is not an N:M pattern.
   """
-  st = parse_sparsity_type(sparsity_type)
-  if st.kind != "nm":
+  implied = parse_sparsity_type(sparsity_type).implied_sparsity
+  if implied is None:
     raise ValueError(
       f"sparsity_type={sparsity_type!r} is not an N:M pattern; only N:M types fix the sparsity"
     )
-  return 1.0 - st.n / st.m
-
-
-def _default_axis(kind: str, ndim: int) -> int:
-  if kind == "unit":
-    return -1
-  return -2 if ndim >= 2 else 0
-
-
-def _resolve_axis(kind: str, ndim: int, axis: Optional[int]) -> int:
-  """Non-negative axis for ``kind`` on an array of rank ``ndim`` (may raise)."""
-  a = _default_axis(kind, ndim) if axis is None else int(axis)
-  if not -ndim <= a < ndim:
-    raise ValueError(f"axis={axis} is out of range for a rank-{ndim} leaf")
-  return a % ndim
+  return implied
 
 
 def incompatibility(
@@ -196,40 +422,7 @@ def incompatibility(
   ``sparsity_type`` itself must be valid (else ValueError from
   :func:`parse_sparsity_type`).
   """
-  st = parse_sparsity_type(sparsity_type)
-  shape = tuple(int(d) for d in shape)
-  ndim = len(shape)
-  if st.kind == "unstructured":
-    return None
-  if st.kind == "nm":
-    if ndim == 0:
-      return f"{st.name} needs an array, got a scalar"
-    try:
-      a = _resolve_axis("nm", ndim, axis)
-    except ValueError as e:
-      return f"{st.name}: {e}"
-    if shape[a] % st.m:
-      return f"{st.name}: axis {a} has size {shape[a]}, not divisible by M={st.m}"
-    return None
-  if st.kind == "block":
-    if ndim < 2:
-      return f"{st.name} needs a kernel with ndim >= 2, got shape {shape}"
-    r, c = st.block
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    reasons = []
-    if rows % r:
-      reasons.append(f"{rows} rows (prod of all but the last axis) not divisible by R={r}")
-    if cols % c:
-      reasons.append(f"{cols} columns (last axis) not divisible by C={c}")
-    return f"{st.name}: " + " and ".join(reasons) if reasons else None
-  # units
-  if ndim < 2:
-    return f"{st.name} pruning needs a kernel with ndim >= 2, got shape {shape}"
-  try:
-    _resolve_axis("unit", ndim, axis)
-  except ValueError as e:
-    return f"{st.name}: {e}"
-  return None
+  return parse_sparsity_type(sparsity_type).incompatibility(tuple(int(d) for d in shape), axis)
 
 
 # ----------------------------------------------------------------------------
@@ -447,43 +640,36 @@ def structured_mask(
   """
   st = parse_sparsity_type(sparsity_type)
   scores = jnp.asarray(scores)
-  reason = incompatibility(scores.shape, st, axis)
+  _check_fits(st, scores.shape, axis)
+  return st.mask(scores, sparsity, axis, keep)
+
+
+def _check_fits(st: SparsityType, shape: tuple, axis: Optional[int]) -> None:
+  reason = st.incompatibility(tuple(shape), axis)
   if reason is not None:
-    raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {scores.shape}: {reason}")
-  if st.kind == "unstructured":
-    return topk_mask(scores, _count_to_keep(scores.size, sparsity) if keep is None else keep)
-  if st.kind == "nm":
-    return nm_mask_from_scores(scores, st.n, st.m, _resolve_axis("nm", scores.ndim, axis))
-  if st.kind == "block":
-    return block_mask_from_scores(scores, sparsity, st.block, keep=keep)
-  return unit_mask_from_scores(
-    scores, sparsity, _resolve_axis("unit", scores.ndim, axis), keep=keep
-  )
+    raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {tuple(shape)}: {reason}")
 
 
 def group_count(shape: Sequence[int], sparsity_type, axis: Optional[int] = None) -> int:
   """How many groups a ``sparsity`` counts for a leaf of ``shape``: entries
   (unstructured), tiles (blocks) or units (neurons/channels); for N:M, the
   number of entries. ``G - floor(s * G)`` of them are kept."""
-  st = parse_sparsity_type(sparsity_type)
-  shape = tuple(int(d) for d in shape)
-  if st.kind == "block":
-    r, c = st.block
-    return (math.prod(shape[:-1]) // r) * (shape[-1] // c)
-  if st.kind == "unit":
-    return shape[_resolve_axis("unit", len(shape), axis)]
-  return math.prod(shape)
+  return parse_sparsity_type(sparsity_type).group_count(tuple(int(d) for d in shape), axis)
 
 
 # ----------------------------------------------------------------------------
 # Dynamic sparse training within a pattern (SET / RigL drop-and-grow).
 
 
+_NEVER = -1.0
+"""Rank of an entry (group) that must never win a drop-and-grow selection: below every
+real magnitude (>= 0), above the -inf that takes entries out of a selection."""
+
+
 def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
   """Ranking key of every group of ``x``: ``reduce(|x|)`` in float32.
 
-  A group holding a value that must never win ranks lowest, at -1 (below every
-  real magnitude, above the -inf that excludes groups from a selection): a NaN
+  A group holding a value that must never win ranks at :data:`_NEVER`: a NaN
   weight, and for growth (``growth=True``) also a NaN or +-inf score. The
   reduction sees only the other entries (set to 0), so a NaN can neither
   propagate nor, squared or summed, raise the group's score. ``reduce`` and
@@ -492,19 +678,35 @@ def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
   a = jnp.abs(jnp.asarray(x, jnp.float32))
   bad = ~jnp.isfinite(a) if growth else jnp.isnan(a)
   if reduce is None:
-    return jnp.where(bad, -1.0, a)
-  return jnp.where(any_(bad), -1.0, reduce(jnp.where(bad, 0.0, a)))
+    return jnp.where(bad, _NEVER, a)
+  return jnp.where(any_(bad), _NEVER, reduce(jnp.where(bad, 0.0, a)))
 
 
-def _replace_groups(active, magnitude, growth, drop_fraction):
-  """Drop-and-grow over whole groups (1-D arrays): returns (new_active, n_dropped)."""
+def replace_groups(active, magnitude, growth, drop_fraction, regrow_dropped: bool = False):
+  """Drop-and-grow over whole groups (1-D arrays): the one SET/RigL selection rule.
+
+  ``floor(d * n_active)`` active groups with the lowest ``magnitude`` are
+  dropped and as many grown with the highest ``growth`` among the groups
+  inactive before the update (with ``regrow_dropped``, among every group not
+  kept, so a dropped group may come straight back). Keys come from
+  :func:`_group_rank`: a group at :data:`_NEVER` is never grown in place of
+  one with a finite key; without ``regrow_dropped`` the drops are capped at
+  the number of inactive groups with a finite growth key, so nothing is ever
+  grown at a non-finite score; with it, a dropped group with a non-finite key
+  can only take its own place back (inactive ones rank below it). Ties go to
+  the lower index. Returns ``(new_active, n_dropped)``, ``sum(new_active) ==
+  sum(active)``.
+  """
   n_active = jnp.sum(active, dtype=jnp.int32)
-  n_drop = floor_product(drop_fraction, n_active)
-  # Never grow at a non-finite score (-1, see _group_rank): at most as many as
-  # the inactive groups with a finite one.
-  n_drop = jnp.minimum(n_drop, jnp.sum(~active & (growth >= 0), dtype=jnp.int32))
+  n_drop = floor_product(drop_fraction, n_active)  # exact for any n_active
+  finite = growth >= 0
+  if not regrow_dropped:
+    n_drop = jnp.minimum(n_drop, jnp.sum(~active & finite, dtype=jnp.int32))
   kept = topk_mask(jnp.where(active, magnitude, -jnp.inf), n_active - n_drop)
-  grown = topk_mask(jnp.where(active, -jnp.inf, growth), n_drop)
+  excluded = kept if regrow_dropped else active
+  # Below the dropped groups' _NEVER: inactive groups at a non-finite growth key.
+  growth = jnp.where(active | finite, growth, _NEVER - 1.0)
+  grown = topk_mask(jnp.where(excluded, -jnp.inf, growth), n_drop)
   return kept | grown, n_drop
 
 
@@ -528,7 +730,7 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
   grow = groups(move(_group_rank(grow_scores, growth=True)))
   # A group can drop at most min(n, m - n): it regrows among its own inactive
   # slots; and at most as many as it has inactive slots with a finite growth
-  # score (-1 marks a NaN or inf one), so nothing is grown at a non-finite score.
+  # score (_NEVER marks a NaN or inf one), so nothing is grown at a non-finite score.
   finite_slots = jnp.sum(~act & (grow >= 0), axis=-1, dtype=jnp.int32)
   cap = jnp.minimum(min(n, m - n), finite_slots)[:, None]
   eligible = act & (_pairwise_rank(jnp.where(act, mag, jnp.inf), descending=False) < cap)
@@ -544,7 +746,14 @@ def _nm_replace(mask, weights, grow_scores, drop_fraction, n, m, ax):
 
 
 def replace_connections(
-  mask, weights, grow_scores, drop_fraction, sparsity_type, axis: Optional[int] = None
+  mask,
+  weights,
+  grow_scores,
+  drop_fraction,
+  sparsity_type,
+  axis: Optional[int] = None,
+  *,
+  regrow_dropped: bool = False,
 ):
   """One SET/RigL drop-and-grow update that keeps the ``sparsity_type`` pattern.
 
@@ -576,6 +785,9 @@ def replace_connections(
     drop_fraction: fraction of active connections (groups) to replace.
     sparsity_type: the pattern.
     axis: as in :func:`structured_mask`.
+    regrow_dropped: the reference RigL rule (:func:`replace_groups`): growth
+      ranks every position (group) not kept, so one dropped in this update may
+      be grown again at once. Not for N:M.
 
   Returns:
     ``(new_mask, n_replaced)``: the new mask, with as many True entries as
@@ -583,45 +795,8 @@ def replace_connections(
   """
   st = parse_sparsity_type(sparsity_type)
   mask = jnp.asarray(mask, bool)
-  reason = incompatibility(mask.shape, st, axis)
-  if reason is not None:
-    raise ValueError(f"sparsity_type={st.name!r} cannot apply to shape {mask.shape}: {reason}")
-  if st.kind == "nm":
-    return _nm_replace(
-      mask, weights, grow_scores, drop_fraction, st.n, st.m, _resolve_axis("nm", mask.ndim, axis)
-    )
-  if st.kind == "unstructured":
-    new, n_drop = _replace_groups(
-      mask.reshape(-1),
-      _group_rank(weights, growth=False).reshape(-1),
-      _group_rank(grow_scores, growth=True).reshape(-1),
-      drop_fraction,
-    )
-    return new.reshape(mask.shape), n_drop
-  if st.kind == "block":
-    r, c = st.block
-    rows, cols = math.prod(mask.shape[:-1]), mask.shape[-1]
-    tiles = lambda red: (
-      lambda x: red(x.reshape(rows // r, r, cols // c, c), axis=(1, 3)).reshape(-1)
-    )
-    active = tiles(jnp.any)(mask)
-    mag = _group_rank(weights, False, tiles(jnp.sum), tiles(jnp.any))
-    grow = _group_rank(grow_scores, True, tiles(jnp.sum), tiles(jnp.any))
-    new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
-    full = jnp.broadcast_to(new.reshape(rows // r, 1, cols // c, 1), (rows // r, r, cols // c, c))
-    return full.reshape(mask.shape), n_drop * (r * c)
-  ax = _resolve_axis("unit", mask.ndim, axis)
-  other = tuple(i for i in range(mask.ndim) if i != ax)
-  active = jnp.any(mask, axis=other)
-  norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=other))
-  any_ = lambda x: jnp.any(x, axis=other)
-  mag = _group_rank(weights, False, norm, any_)
-  grow = _group_rank(grow_scores, True, norm, any_)
-  new, n_drop = _replace_groups(active, mag, grow, drop_fraction)
-  shape = [1] * mask.ndim
-  shape[ax] = mask.shape[ax]
-  unit_size = mask.size // max(mask.shape[ax], 1)
-  return jnp.broadcast_to(new.reshape(shape), mask.shape), n_drop * unit_size
+  _check_fits(st, mask.shape, axis)
+  return st.replace(mask, weights, grow_scores, drop_fraction, axis, regrow_dropped)
 
 
 # ----------------------------------------------------------------------------
@@ -675,7 +850,7 @@ def select_compatible(params, pruned, cfg) -> Any:
     if not sel:
       return False
     ndim = np.ndim(leaf)
-    if axis is not None and st.kind in ("nm", "unit") and ndim > 0 and not -ndim <= axis < ndim:
+    if axis is not None and st.uses_axis and ndim > 0 and not -ndim <= axis < ndim:
       raise ValueError(
         f"axis={axis} is out of range for {path_str(keypath)!r} (shape "
         f"{tuple(np.shape(leaf))}, rank {ndim}), a leaf selected for "

@@ -288,7 +288,7 @@ def test_refuses_non_chain_and_bad_inputs():
     compact(params, layers=["Dense_1", "Dense_0", "Dense_2"])
   with pytest.raises(ValueError, match="Dense_7"):
     compact(params, layers=["Dense_0", "Dense_7"])
-  with pytest.raises(ValueError, match="tree structure"):
+  with pytest.raises(ValueError, match="compact: masks do not match params: params have"):
     compact(params, {"Dense_0": True})
   with pytest.raises(ValueError, match="conv_padding"):
     compact(params, conv_padding="CIRCULAR")

@@ -12,6 +12,13 @@ from hypothesis import strategies as st
 import jaxprune
 from jaxprune.algorithms.dst import replace_connections
 
+# Registered algorithms of the 'dst' family (Algorithm.family).
+DST_FAMILY = [
+  n
+  for n in sorted(jaxprune.REGISTRY)
+  if jaxprune.create(n, sparsity=0.5, end_step=10).family == "dst"
+]
+
 shapes = st.lists(st.integers(1, 8), min_size=1, max_size=3).map(tuple)
 
 
@@ -123,7 +130,7 @@ def _per_param_state_leaves(inner_state, params):
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("name", ["set", "rigl"])
+@pytest.mark.parametrize("name", DST_FAMILY)
 def test_regrown_weights_and_optimizer_state_start_at_zero(name, opt):
   params, loss_fn = tiny_problem()
   algo = jaxprune.create(name, sparsity=0.8, update_every=4, end_step=40, drop_fraction=0.5)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jaxprune
 from jaxprune import regularizers as R
 from jaxprune import structured as S
 
@@ -455,3 +456,47 @@ def test_replace_connections_whole_groups(stype, shape):
     norms = np.linalg.norm(np.asarray(w).reshape(-1, shape[-1]), axis=0)
     stay, gone = before & after, before & ~after
     assert norms[gone].max() <= norms[stay].min()
+
+
+@pytest.mark.parametrize(
+  "s, pattern",
+  [
+    ("2:4", S.NM(2, 4)),
+    ("block:4x2", S.Block(4, 2)),
+    ("neuron", S.Units("neuron")),
+    ("channel", S.Units("channel")),
+    ("unstructured", S.Unstructured()),
+  ],
+)
+def test_strings_parse_into_typed_patterns_that_act_like_them(s, pattern):
+  parsed = S.parse_sparsity_type(s)
+  assert parsed == pattern and type(parsed) is type(pattern) and parsed.name == s
+  assert S.parse_sparsity_type(pattern) is pattern
+  assert hash(parsed) == hash(pattern)  # frozen values
+  scores = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+  np.testing.assert_array_equal(
+    S.structured_mask(scores, 0.5, pattern), S.structured_mask(scores, 0.5, s)
+  )
+  assert S.group_count((8, 4), pattern) == S.group_count((8, 4), s)
+
+
+def test_typed_patterns_check_their_fields():
+  with pytest.raises(ValueError, match="1 <= N <= M"):
+    S.NM(3, 2)
+  with pytest.raises(ValueError, match=">= 1"):
+    S.Block(0, 4)
+  with pytest.raises(ValueError, match="neuron"):
+    S.Units("filter")
+  assert S.NM(2, 4).implied_sparsity == 0.5 and S.Block(2, 2).implied_sparsity is None
+
+
+def test_an_algorithm_takes_a_typed_pattern():
+  params = {"w": jax.random.normal(jax.random.PRNGKey(1), (8, 4))}
+  by_object = jaxprune.create("magnitude", sparsity_type=S.NM(2, 4))
+  by_string = jaxprune.create("magnitude", sparsity_type="2:4")
+  assert by_object.config == by_string.config
+  masks = {"w": jnp.ones((8, 4), bool)}
+  np.testing.assert_array_equal(
+    by_object.update(0, params, params, masks, ())[0]["w"],
+    by_string.update(0, params, params, masks, ())[0]["w"],
+  )

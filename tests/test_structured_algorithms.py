@@ -14,6 +14,13 @@ from hypothesis import strategies as st
 import jaxprune
 from jaxprune.structured import group_counts, replace_connections, structured_mask
 
+# Registered algorithms of the 'dst' family (Algorithm.family).
+DST_FAMILY = [
+  n
+  for n in sorted(jaxprune.REGISTRY)
+  if jaxprune.create(n, sparsity=0.5, end_step=10).family == "dst"
+]
+
 
 def test_gradual_nm_ramps_by_steps_of_the_pattern():
   params, loss_fn = tiny_problem()
@@ -36,7 +43,7 @@ def test_gradual_nm_ramps_by_steps_of_the_pattern():
   assert all(x == [2] for x in seen[20:])
 
 
-@pytest.mark.parametrize("name", ["set", "rigl"])
+@pytest.mark.parametrize("name", DST_FAMILY)
 def test_nm_dst_keeps_constraint_after_every_update(name):
   params, loss_fn = tiny_problem()
   algo = jaxprune.create(

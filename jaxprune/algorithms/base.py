@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprune import distributions, topk
+from jaxprune import distributions, structured, topk
 from jaxprune.masks import dense_mask
 from jaxprune.paths import path_str, pruned_leaves
 from jaxprune.training_cost import constant_sparsity, pruned_on_updates
@@ -43,6 +43,14 @@ class Algorithm(NamedTuple):
       mask-update step the parameters change only where the new masks prune
       (to 0.0) or grow (to ``grow_values``), and the inner state is kept, zeroed
       at pruned entries (the reference RigL code, ``reference=True``).
+    family: what kind of algorithm it is, for code that treats kinds alike:
+      ``"dense"``, ``"magnitude"`` (magnitude, gradual_magnitude,
+      global_magnitude: masks only shrink), ``"saliency"`` (saliency,
+      global_saliency: masks only shrink), ``"random"`` (one-shot random:
+      masks only shrink), ``"static"``, ``"fixed"`` (masks never change),
+      ``"dst"`` (set, rigl: active counts constant, connections replaced),
+      ``"ste"`` (ste, sr_ste: dense parameters, straight-through forward);
+      ``"custom"`` by default.
   """
 
   name: str
@@ -55,6 +63,7 @@ class Algorithm(NamedTuple):
   straight_through: Callable | None = None
   grow_values: Callable | None = None
   skip_optimizer_step: bool = False
+  family: str = "custom"
 
 
 def never(step):
@@ -69,8 +78,6 @@ def targets(cfg, params):
   """``(pruned, sparsities)``: which leaves are pruned and their final sparsity."""
   pruned = pruned_leaves(params, cfg["include"])
   if cfg["sparsity_type"] != "unstructured":
-    from jaxprune import structured
-
     pruned = structured.select_compatible(params, pruned, cfg)
   sparsity = cfg["sparsity"] if cfg["sparsity"] is not None else 0.0
   sparsities = distributions.resolve(cfg["distribution"], params, sparsity, _as_include(pruned))
@@ -99,16 +106,12 @@ def select(cfg, scores, pruned, keep):
   or of blocks or units for a structured ``sparsity_type``
   (:func:`jaxprune.structured.group_count`); ignored for N:M.
   """
-  stype = cfg["sparsity_type"]
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
 
   def leaf(s, sel, k):
     if not sel:
       return dense_mask()
-    if stype == "unstructured":
-      return topk.topk_mask(s, k)
-    from jaxprune import structured
-
-    return structured.structured_mask(s, None, stype, axis=cfg.get("axis"), keep=k)
+    return structured.structured_mask(s, None, pattern, axis=cfg.get("axis"), keep=k)
 
   return jax.tree.map(leaf, scores, pruned, keep)
 
@@ -118,15 +121,14 @@ def keep_counts(cfg, params, sparsities):
   entries, or blocks or units for a structured ``sparsity_type`` (what
   :func:`select` expects). Leaves that cannot take the pattern get 0 (they are
   never selected)."""
-  stype = cfg["sparsity_type"]
-  if stype == "unstructured":
-    return jax.tree.map(lambda p, s: topk.keep_count(jnp.size(p), s), params, sparsities)
-  from jaxprune import structured
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
+  axis = cfg.get("axis")
 
   def leaf(p, s):
-    if structured.incompatibility(jnp.shape(p), stype, cfg.get("axis")) is not None:
+    shape = jnp.shape(p)
+    if pattern.incompatibility(shape, axis) is not None:
       return 0
-    return topk.keep_count(structured.group_count(jnp.shape(p), stype, cfg.get("axis")), s)
+    return topk.keep_count(pattern.group_count(shape, axis), s)
 
   return jax.tree.map(leaf, params, sparsities)
 
@@ -146,7 +148,7 @@ def step_key(cfg, step):
   return jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), step)
 
 
-def one_shot(name: str, cfg, update) -> Algorithm:
+def one_shot(name: str, cfg, update, family: str = "custom") -> Algorithm:
   """An algorithm that starts from all-True masks and prunes once, at
   ``start_step``, with ``update`` (its FLOPs: dense until then, final after)."""
   at_start = lambda step: step == cfg["start_step"]
@@ -157,4 +159,5 @@ def one_shot(name: str, cfg, update) -> Algorithm:
     at_start,
     update,
     flops_schedule=pruned_on_updates(at_start, lambda u, s: s),
+    family=family,
   )

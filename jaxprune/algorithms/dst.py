@@ -63,23 +63,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import config as config_lib
-from jaxprune import schedules, topk, training_cost
+from jaxprune import schedules, structured, training_cost
 from jaxprune.algorithms import base
+from jaxprune.config import Distribution
 from jaxprune.masks import hashed_scores, is_pruned_mask, random_scores
-from jaxprune.rounding import floor_product
+from jaxprune.paths import Include
+from jaxprune.structured import SparsityTypeLike
 
-DEFAULTS = dict(distribution="erk", update_every=100, drop_fraction=0.3)
-
-# Keys of ``set``/``rigl`` beyond jaxprune.config.COMMON_KEYS, with their defaults
-# (None: follows ``reference``).
-EXTRA_KEYS = dict(
-  grow_init="zeros",
-  drop_schedule="cosine",
-  reference=False,
-  regrow_dropped=None,
-  skip_optimizer_step=None,
-  update_at_ends=None,
-)
 DROP_SCHEDULES = ("cosine", "cosine_from_start", "constant")
 REFERENCE_FLAGS = ("regrow_dropped", "skip_optimizer_step", "update_at_ends")
 
@@ -119,22 +109,9 @@ def replace_connections(mask, weights, grow_scores, drop_fraction, regrow_droppe
     ``regrow_dropped``, a dropped entry with a non-finite score may take its
     own place back, ranked below every finite score).
   """
-  n_active = jnp.sum(mask, dtype=jnp.int32)
-  n_drop = floor_product(drop_fraction, n_active)  # exact for any n_active
-  score = jnp.abs(grow_scores).astype(jnp.float32)
-  finite = jnp.isfinite(score)
-  if not regrow_dropped:
-    n_drop = jnp.minimum(n_drop, jnp.sum(~mask & finite, dtype=jnp.int32))
-  magnitude = jnp.abs(weights).astype(jnp.float32)
-  keep_scores = jnp.where(mask, jnp.where(jnp.isnan(magnitude), -1.0, magnitude), -jnp.inf)
-  kept = topk.topk_mask(keep_scores, n_active - n_drop)
-  excluded = kept if regrow_dropped else mask
-  # finite scores first; then (regrow_dropped) dropped entries, which only take
-  # their own places back; never an inactive entry at a non-finite score.
-  fallback = jnp.where(mask, -1.0, -2.0)
-  grow = jnp.where(excluded, -jnp.inf, jnp.where(finite, score, fallback))
-  grown = topk.topk_mask(grow, n_drop)
-  return kept | grown, n_drop
+  return structured.replace_connections(
+    mask, weights, grow_scores, drop_fraction, "unstructured", regrow_dropped=regrow_dropped
+  )
 
 
 def _grow_values(cfg):
@@ -215,8 +192,8 @@ def _is_update_step(cfg):
   return lambda step: (step > 0) & (step >= t0) & (step < t1) & ((step - t0) % every == 0)
 
 
-def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> base.Algorithm:
-  cfg = config_lib.validate(name, config, DEFAULTS, extra_keys=EXTRA_KEYS)
+def _dst(name: str, factory, given, grow_scores_fn, dense_gradient=False) -> base.Algorithm:
+  cfg = config_lib.from_signature(name, factory, given)
   config_lib.require_sparsity(name, cfg)
   config_lib.require(name, cfg, "end_step")
   _check_dst_keys(cfg)
@@ -245,14 +222,9 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
         new_masks.append(m)
         changed.append(jnp.zeros((), jnp.float32))
         continue
-      if cfg["sparsity_type"] != "unstructured":
-        from jaxprune import structured
-
-        new_m, n_drop = structured.replace_connections(
-          m, w, g, d, cfg["sparsity_type"], cfg["axis"]
-        )
-      else:
-        new_m, n_drop = replace_connections(m, w, g, d, regrow_dropped)
+      new_m, n_drop = structured.replace_connections(
+        m, w, g, d, cfg["sparsity_type"], cfg["axis"], regrow_dropped=regrow_dropped
+      )
       new_masks.append(new_m)
       changed.append(n_drop.astype(jnp.float32) / jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0))
     return (
@@ -275,6 +247,7 @@ def _dst(name: str, grow_scores_fn, config, dense_gradient: bool = False) -> bas
     flops_schedule=schedule,
     grow_values=_grow_values(cfg),
     skip_optimizer_step=cfg["skip_optimizer_step"],
+    family="dst",
   )
 
 
@@ -288,19 +261,63 @@ def _gradient_growth(key, params, grads):
   return grads
 
 
-def set_(**config) -> base.Algorithm:
+def set_(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "erk",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int = 100,
+  drop_fraction: float = 0.3,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  grow_init: str | float = "zeros",
+  drop_schedule: str = "cosine",
+  reference: bool = False,
+  regrow_dropped: bool | None = None,
+  skip_optimizer_step: bool | None = None,
+  update_at_ends: bool | None = None,
+) -> base.Algorithm:
   """Sparse Evolutionary Training (Mocanu et al. 2018, "Scalable training of
   artificial neural networks with adaptive sparse connectivity inspired by
   network science"): drop the smallest-magnitude active weights, regrow as many
   uniformly at random among inactive positions (randomness from
   ``fold_in(PRNGKey(seed), step)``, through the counter-based
-  :func:`jaxprune.masks.hashed_scores`)."""
-  return _dst("set", _random_growth, config)
+  :func:`jaxprune.masks.hashed_scores`).
+
+  ``end_step`` is required. The keys after ``axis`` (``grow_init``,
+  ``drop_schedule``, ``reference`` and its three rules; None follows
+  ``reference``) are described in the module docstring.
+  """
+  return _dst("set", set_, dict(locals()), _random_growth)
 
 
-def rigl(**config) -> base.Algorithm:
+def rigl(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "erk",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int = 100,
+  drop_fraction: float = 0.3,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  grow_init: str | float = "zeros",
+  drop_schedule: str = "cosine",
+  reference: bool = False,
+  regrow_dropped: bool | None = None,
+  skip_optimizer_step: bool | None = None,
+  update_at_ends: bool | None = None,
+) -> base.Algorithm:
   """RigL (Evci et al. 2020, "Rigging the Lottery: Making All Tickets
   Winners"): drop the smallest-magnitude active weights, regrow as many where
   the dense gradient magnitude ``|dL/dw|`` is largest among inactive positions.
-  The dense gradient is the one handed to ``tx.update``, before masking."""
-  return _dst("rigl", _gradient_growth, config, dense_gradient=True)
+  The dense gradient is the one handed to ``tx.update``, before masking.
+
+  ``end_step`` is required; the other keys are those of :func:`set_`.
+  """
+  return _dst("rigl", rigl, dict(locals()), _gradient_growth, dense_gradient=True)

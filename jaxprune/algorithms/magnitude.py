@@ -14,13 +14,11 @@ import numpy as np
 from jaxprune import config as config_lib
 from jaxprune import schedules, structured, topk, training_cost
 from jaxprune.algorithms import base
+from jaxprune.config import Distribution
 from jaxprune.masks import is_pruned_mask
+from jaxprune.paths import Include
 from jaxprune.rounding import floor_product
-
-DEFAULTS = dict(distribution="uniform", update_every=100)
-# Keys of ``gradual_magnitude`` (and ``saliency``) beyond the common ones, with defaults.
-GRADUAL_KEYS = dict(initial_sparsity=0.0, power=3.0)
-
+from jaxprune.structured import SparsityTypeLike
 
 _LOWEST = float(np.finfo(np.float32).min)
 
@@ -41,11 +39,26 @@ def masked_magnitude(params, masks):
   return jax.tree.map(leaf, params, masks)
 
 
-def magnitude(**config) -> base.Algorithm:
+def magnitude(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 100,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
   """One-shot magnitude pruning at ``start_step`` (Han et al. 2015, "Learning
   both Weights and Connections"): each pruned leaf keeps its ``n - floor(s n)``
-  largest-magnitude entries, with ``s`` from ``distribution``."""
-  cfg = config_lib.validate("magnitude", config, DEFAULTS)
+  largest-magnitude entries, with ``s`` from ``distribution``.
+
+  ``end_step``, ``update_every``, ``drop_fraction`` and ``seed`` do not apply
+  (accepted so that one config serves every algorithm)."""
+  cfg = config_lib.from_signature("magnitude", magnitude, dict(locals()))
   config_lib.require_sparsity("magnitude", cfg)
 
   def update(step, params, grads, masks, state):
@@ -53,21 +66,40 @@ def magnitude(**config) -> base.Algorithm:
     keep = base.keep_counts(cfg, params, sparsities)
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
-  return base.one_shot("magnitude", cfg, update)
+  return base.one_shot("magnitude", cfg, update, family="magnitude")
 
 
-def gradual_magnitude(**config) -> base.Algorithm:
+def gradual_magnitude(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 100,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  initial_sparsity: float = 0.0,
+  power: float = 3.0,
+) -> base.Algorithm:
   """Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
 
-  Every ``update_every`` steps from ``start_step`` to ``end_step`` (and at
-  ``end_step`` itself), each leaf is pruned to the cubic schedule
+  Every ``update_every`` steps from ``start_step`` to ``end_step`` (required;
+  and at ``end_step`` itself), each leaf is pruned to the cubic schedule
   ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^3`` by magnitude. The final
   sparsity is reached exactly at ``end_step`` and kept. Extra keys:
-  ``initial_sparsity`` (default 0.0), ``power`` (default 3).
+  ``initial_sparsity`` (``s_i``, default 0.0), ``power`` (default 3).
   """
-  cfg = config_lib.validate("gradual_magnitude", config, DEFAULTS, extra_keys=GRADUAL_KEYS)
-  config_lib.require_sparsity("gradual_magnitude", cfg)
-  config_lib.require("gradual_magnitude", cfg, "end_step")
+  return _gradual("gradual_magnitude", gradual_magnitude, dict(locals()))
+
+
+def _gradual(name, factory, given) -> base.Algorithm:
+  """``gradual_magnitude`` under the name and typed signature of ``factory``."""
+  cfg = config_lib.from_signature(name, factory, given)
+  config_lib.require_sparsity(name, cfg)
+  config_lib.require(name, cfg, "end_step")
   s_i = config_lib.fraction("initial_sparsity", cfg["initial_sparsity"], 0.0, 1.0, hi_open=True)
   if s_i > config_lib.target_sparsity(cfg):
     raise ValueError(
@@ -81,61 +113,68 @@ def gradual_magnitude(**config) -> base.Algorithm:
   ):
     raise ValueError(f"power must be a positive number, got {cfg['power']!r}")
   t0, t1 = cfg["start_step"], cfg["end_step"]
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
 
   def update(step, params, grads, masks, state):
     pruned, sparsities = base.targets(cfg, params)
     frac = schedules.progress(step, t0, t1)
-    if cfg["sparsity_type"] == "unstructured":
-      keep = jax.tree.map(
-        lambda p, s: schedules.polynomial_keep_count(
-          jnp.size(p), min(s_i, s), s, frac, cfg["power"]
-        ),
-        params,
-        sparsities,
-      )
-    elif structured.parse_sparsity_type(cfg["sparsity_type"]).kind == "nm":
+    if isinstance(pattern, structured.NM):
       return _nm_ramp(cfg, params, masks, pruned, frac), state
-    else:  # blocks and units: the same integer interpolation over the leaf's groups
-      keep = jax.tree.map(
-        lambda p, s, sel: (
-          schedules.polynomial_keep_count(
-            structured.group_count(jnp.shape(p), cfg["sparsity_type"], cfg["axis"]),
-            min(s_i, s),
-            s,
-            frac,
-            cfg["power"],
-          )
-          if sel
-          else 0
-        ),
-        params,
-        sparsities,
-        pruned,
-      )
+    # Entries, blocks or units: the integer interpolation over the leaf's groups.
+    keep = jax.tree.map(
+      lambda p, s, sel: (
+        schedules.polynomial_keep_count(
+          pattern.group_count(jnp.shape(p), cfg["axis"]), min(s_i, s), s, frac, cfg["power"]
+        )
+        if sel
+        else 0
+      ),
+      params,
+      sparsities,
+      pruned,
+    )
     return base.select(cfg, masked_magnitude(params, masks), pruned, keep), state
 
   is_update = schedules.periodic_updates(t0, t1, cfg["update_every"])
   sparsity_at = lambda u, s: schedules.polynomial(s, min(s_i, s), t0, t1, cfg["power"])(u)
   return base.Algorithm(
-    "gradual_magnitude",
+    name,
     cfg,
     base.all_true_init(cfg),
     is_update,
     update,
     flops_schedule=training_cost.pruned_on_updates(is_update, sparsity_at),
+    family="magnitude",
   )
 
 
-def global_magnitude(**config) -> base.Algorithm:
+def global_magnitude(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 100,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
   """Global magnitude pruning: one threshold across all pruned leaves.
 
   Keeps the ``N - floor(s N)`` largest-magnitude entries among all ``N``
   pruned entries (Frankle & Carbin 2019 prune globally for deep nets). One-shot
   at ``start_step``; when ``end_step > start_step`` the total follows the
   Zhu & Gupta cubic schedule instead, updated every ``update_every`` steps.
-  ``distribution`` does not apply.
+  ``distribution`` does not apply; ``sparsity_type`` must be ``"unstructured"``.
   """
-  cfg = config_lib.validate("global_magnitude", config, DEFAULTS)
+  return _global("global_magnitude", global_magnitude, dict(locals()))
+
+
+def _global(name, factory, given) -> base.Algorithm:
+  """``global_magnitude`` under the name and typed signature of ``factory``."""
+  cfg = config_lib.from_signature(name, factory, given)
   config_lib.require_sparsity("global_magnitude", cfg)
   if cfg["sparsity_type"] != "unstructured":
     raise ValueError(
@@ -167,12 +206,13 @@ def global_magnitude(**config) -> base.Algorithm:
   # total's progress (the global threshold's split across leaves is not known).
   progress = schedules.polynomial(1.0, 0.0, t0, t1)
   return base.Algorithm(
-    "global_magnitude",
+    name,
     cfg,
     base.all_true_init(cfg),
     is_update,
     update,
     flops_schedule=training_cost.pruned_on_updates(is_update, lambda u, s: s * progress(u)),
+    family="magnitude",
   )
 
 

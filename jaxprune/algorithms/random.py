@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import config as config_lib
 from jaxprune.algorithms import base
-from jaxprune.masks import check_masks, dense_mask, random_scores
-from jaxprune.paths import path_str
-
-FIXED_KEYS = dict(masks=None)  # keys of fixed beyond the common ones
+from jaxprune.config import Distribution
+from jaxprune.masks import check_structure, dense_mask, random_scores, shape_mismatch
+from jaxprune.paths import Include, path_str
+from jaxprune.structured import SparsityTypeLike
 
 
 def _random_masks(cfg, params, step):
@@ -20,34 +22,74 @@ def _random_masks(cfg, params, step):
   return base.select(cfg, scores, pruned, base.keep_counts(cfg, params, sparsities))
 
 
-def random(**config) -> base.Algorithm:
+def random(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = None,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
   """One-shot random pruning at ``start_step``: each pruned leaf keeps a
   uniformly random subset of exactly ``n - floor(s n)`` entries (the baseline
   of Liu et al. 2022, "The Unreasonable Effectiveness of Random Pruning")."""
-  cfg = config_lib.validate("random", config, dict(distribution="uniform"))
+  cfg = config_lib.from_signature("random", random, dict(locals()))
   config_lib.require_sparsity("random", cfg)
 
   def update(step, params, grads, masks, state):
     new = _random_masks(cfg, params, step)
     return jax.tree.map(lambda n, m: n & m, new, masks), state
 
-  return base.one_shot("random", cfg, update)
+  return base.one_shot("random", cfg, update, family="random")
 
 
-def static(**config) -> base.Algorithm:
+def static(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "erk",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = None,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
   """Static sparse training: random masks at initialisation, fixed forever
   (the "Static" baseline of Evci et al. 2020; ERK by default)."""
-  cfg = config_lib.validate("static", config, dict(distribution="erk"))
+  cfg = config_lib.from_signature("static", static, dict(locals()))
   config_lib.require_sparsity("static", cfg)
   init = lambda params: (_random_masks(cfg, params, 0), ())
-  return base.Algorithm("static", cfg, init, base.never, base.no_update, changes_masks=False)
+  return base.Algorithm(
+    "static", cfg, init, base.never, base.no_update, changes_masks=False, family="static"
+  )
 
 
-def dense(**config) -> base.Algorithm:
-  """No pruning: every mask is a scalar True."""
-  cfg = config_lib.validate("dense", config, dict(distribution="uniform"))
+def dense(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = None,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
+  """No pruning: every mask is a scalar True. Every key is accepted and ignored."""
+  cfg = config_lib.from_signature("dense", dense, dict(locals()))
   init = lambda params: (jax.tree.map(lambda p: jnp.ones((), jnp.bool_), params), ())
-  return base.Algorithm("dense", cfg, init, base.never, base.no_update, changes_masks=False)
+  return base.Algorithm(
+    "dense", cfg, init, base.never, base.no_update, changes_masks=False, family="dense"
+  )
 
 
 def _as_bool_masks(masks):
@@ -69,7 +111,20 @@ def _as_bool_masks(masks):
   return jax.tree_util.tree_map_with_path(leaf, masks)
 
 
-def fixed(**config) -> base.Algorithm:
+def fixed(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = None,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  masks: Any = None,
+) -> base.Algorithm:
   """Trains with user-given masks, kept exactly: lottery tickets (Frankle & Carbin
   2019), masks from a sparse checkpoint or from one-shot pruning, masks from
   :func:`jaxprune.snip_masks` and the other pruning-at-init functions.
@@ -82,26 +137,23 @@ def fixed(**config) -> base.Algorithm:
   reported by ``init``. A structure or shape mismatch raises a ValueError
   naming the path.
   """
-  cfg = config_lib.validate("fixed", config, dict(distribution="uniform"), FIXED_KEYS)
+  cfg = config_lib.from_signature("fixed", fixed, dict(locals()))
   given = None if cfg["masks"] is None else _as_bool_masks(cfg["masks"])
 
   def init(params):
     if given is None:
       raise ValueError("fixed: config key 'masks' is required")
-    p_def = jax.tree.structure(params)
-    if jax.tree.structure(given) != p_def:
-      check_masks(params, jax.tree.map(jnp.asarray, given))  # names the first differing path
+    check_structure(params, given, "fixed")
 
     def leaf(path, p, m):
       if m.ndim == 0:
         return dense_mask() if bool(m) else jnp.zeros(jnp.shape(p), jnp.bool_)
       if m.shape != jnp.shape(p):
-        raise ValueError(
-          f"fixed: mask at {path_str(path)!r} has shape {m.shape}, "
-          f"its parameter has shape {jnp.shape(p)}"
-        )
+        raise shape_mismatch(path_str(path), m.shape, jnp.shape(p), "fixed")
       return jnp.asarray(m)
 
     return jax.tree_util.tree_map_with_path(leaf, params, given), ()
 
-  return base.Algorithm("fixed", cfg, init, base.never, base.no_update, changes_masks=False)
+  return base.Algorithm(
+    "fixed", cfg, init, base.never, base.no_update, changes_masks=False, family="fixed"
+  )

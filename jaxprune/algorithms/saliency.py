@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import jax
 
-from jaxprune import config as config_lib
 from jaxprune.algorithms import base
-from jaxprune.algorithms.magnitude import (
-  DEFAULTS,
-  GRADUAL_KEYS,
-  global_magnitude,
-  gradual_magnitude,
-)
+from jaxprune.algorithms.magnitude import _global, _gradual
+from jaxprune.config import Distribution
+from jaxprune.paths import Include
+from jaxprune.structured import SparsityTypeLike
 
 
 def _scored_by_saliency(algo: base.Algorithm, name: str) -> base.Algorithm:
@@ -29,10 +26,24 @@ def _scored_by_saliency(algo: base.Algorithm, name: str) -> base.Algorithm:
     saliency = jax.tree.map(lambda w, g: w * g.astype(w.dtype), params, grads)
     return algo.update(step, saliency, grads, masks, state)
 
-  return algo._replace(name=name, update=update)
+  return algo._replace(name=name, update=update, family="saliency")
 
 
-def saliency(**config) -> base.Algorithm:
+def saliency(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 100,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  initial_sparsity: float = 0.0,
+  power: float = 3.0,
+) -> base.Algorithm:
   """Gradual pruning by saliency ``|w ⊙ g|``, per leaf.
 
   The same keys and cubic schedule as ``gradual_magnitude`` (``end_step``
@@ -41,17 +52,24 @@ def saliency(**config) -> base.Algorithm:
   ``end_step`` each leaf keeps its ``n - floor(s_t n)`` highest saliencies among
   the entries still active.
   """
-  cfg = config_lib.validate("saliency", config, DEFAULTS, extra_keys=GRADUAL_KEYS)
-  config_lib.require_sparsity("saliency", cfg)
-  config_lib.require("saliency", cfg, "end_step")
-  algo = gradual_magnitude(**config)
-  return _scored_by_saliency(algo, "saliency")
+  return _scored_by_saliency(_gradual("saliency", saliency, dict(locals())), "saliency")
 
 
-def global_saliency(**config) -> base.Algorithm:
+def global_saliency(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 100,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
   """Saliency ``|w ⊙ g|`` with one threshold across all pruned leaves: the
   ``global_magnitude`` schedule (one-shot at ``start_step``, or cubic up to
   ``end_step`` when it is later)."""
-  config_lib.validate("global_saliency", config, DEFAULTS)
-  algo = global_magnitude(**config)
+  algo = _global("global_saliency", global_saliency, dict(locals()))
   return _scored_by_saliency(algo, "global_saliency")

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 from jaxprune import config as config_lib
 from jaxprune import schedules, training_cost
 from jaxprune.algorithms import base
+from jaxprune.config import Distribution
 from jaxprune.masks import is_pruned_mask
+from jaxprune.paths import Include
+from jaxprune.structured import SparsityTypeLike
 
 SR_STE_DECAY = 2e-4  # λ_W of Zhou et al. 2021
-SR_STE_KEYS = dict(decay=SR_STE_DECAY)  # keys of sr_ste beyond the common ones
 
 
 def straight_through(params, masks):
@@ -71,6 +73,7 @@ def _build(name, cfg, grad_fn):
     update,
     straight_through=grad_fn,
     flops_schedule=training_cost.always_dense_gradient(),
+    family="ste",
   )
 
 
@@ -78,7 +81,19 @@ def _identity(grads, params, masks):
   return grads
 
 
-def ste(**config) -> base.Algorithm:
+def ste(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 1,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+) -> base.Algorithm:
   """Straight-through magnitude pruning on dense weights.
 
   Masks keep the largest-magnitude entries of the dense weights (per leaf,
@@ -87,11 +102,24 @@ def ste(**config) -> base.Algorithm:
   ``end_step`` (default: to the end of training), then kept. Train with
   ``loss(jaxprune.straight_through(params, masks))``.
   """
-  cfg = config_lib.validate("ste", config, dict(distribution="uniform", update_every=1))
+  cfg = config_lib.from_signature("ste", ste, dict(locals()))
   return _build("ste", cfg, _identity)
 
 
-def sr_ste(**config) -> base.Algorithm:
+def sr_ste(
+  *,
+  sparsity: float | None = None,
+  distribution: Distribution = "uniform",
+  include: Include = None,
+  start_step: int = 0,
+  end_step: int | None = None,
+  update_every: int | None = 1,
+  drop_fraction: float | None = None,
+  seed: int = 0,
+  sparsity_type: SparsityTypeLike = "unstructured",
+  axis: int | None = None,
+  decay: float = SR_STE_DECAY,
+) -> base.Algorithm:
   """SR-STE (Zhou et al. 2021, "Learning N:M Fine-grained Structured Sparse Neural
   Networks From Scratch"): :func:`ste` plus the sparse-refined decay.
 
@@ -100,12 +128,7 @@ def sr_ste(**config) -> base.Algorithm:
   ``decay`` (λ, default 2e-4 as in the paper). Usually with an N:M
   ``sparsity_type`` such as ``"2:4"``.
   """
-  cfg = config_lib.validate(
-    "sr_ste",
-    config,
-    dict(distribution="uniform", update_every=1),
-    extra_keys=SR_STE_KEYS,
-  )
+  cfg = config_lib.from_signature("sr_ste", sr_ste, dict(locals()))
   lam = config_lib.fraction("decay", cfg["decay"], 0.0, float("inf"), hi_open=True)
 
   def refined(grads, params, masks):

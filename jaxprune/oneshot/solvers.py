@@ -57,7 +57,7 @@ def parse_target(sparsity: Optional[float] = None, sparsity_type: Optional[str] 
   """
   if sparsity_type is not None and str(sparsity_type).strip().lower() != "unstructured":
     st = structured.parse_sparsity_type(sparsity_type)
-    if st.kind != "nm":
+    if not isinstance(st, structured.NM):
       raise ValueError(
         f"sparsity_type={sparsity_type!r}: one-shot solvers support 'unstructured' or 'N:M'"
       )
