@@ -40,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprune
-from experiments import data, harness
+from experiments import harness
 from experiments.harness import cache
-from experiments.harness import checkpoint as ckpt
 from experiments.harness.config import check_config
 
 KINDS = ("ticket", "reinit", "random")
@@ -246,18 +245,14 @@ def plot(rows, path: str, title: str = "") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  try:
+
+  def main_():
     flags, rest = split_argv(argv)
     config = harness.parse_config(rest)
     check_config(config)
     lottery(config, flags)
-  except harness.Interrupted as e:
-    print(f"[lottery] {e}", file=sys.stderr, flush=True)
-    return e.exit_code
-  except (harness.ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+
+  return harness.exit_status("lottery", main_)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from experiments import data, harness
-from experiments.harness import checkpoint as ckpt
+from experiments import harness
 
 # Names of the harness that this module has always offered.
 from experiments.harness.config import (  # noqa: F401
@@ -77,15 +76,7 @@ def run(config, *, out=None) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the process exit status."""
   argv = list(sys.argv if argv is None else argv)
-  try:
-    run(parse_config(argv))
-  except Interrupted as e:
-    print(f"[train] {e}", file=sys.stderr, flush=True)
-    return e.exit_code
-  except (ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+  return harness.exit_status("train", lambda: run(parse_config(argv)))
 
 
 if __name__ == "__main__":

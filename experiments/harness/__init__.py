@@ -2,7 +2,14 @@
 
 from experiments.harness.config import ConfigError, parse_config
 from experiments.harness.loop import Interrupted
-from experiments.harness.runner import Setup, build, initial_variables, restore_or_init, run
+from experiments.harness.runner import (
+  Setup,
+  build,
+  exit_status,
+  initial_variables,
+  restore_or_init,
+  run,
+)
 from experiments.harness.state import TrainState
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
   "Setup",
   "TrainState",
   "build",
+  "exit_status",
   "initial_variables",
   "parse_config",
   "restore_or_init",

@@ -256,3 +256,18 @@ def run(
   say(str(table))
   say(json.dumps(res))
   return state, res
+
+
+def exit_status(name: str, main: Callable[[], Any]) -> int:
+  """Runs a CLI's `main()`; returns its exit status: 0, 128 + the signal number
+  after SIGTERM/SIGINT (a checkpoint was saved), 2 for a bad config, dataset or
+  checkpoint (the message, naming the key or file, goes to stderr)."""
+  try:
+    main()
+  except loop.Interrupted as e:
+    print(f"[{name}] {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+  except (ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  return 0
