@@ -61,6 +61,7 @@ from experiments import checkpoint as ckpt
 from experiments import data, models, train
 from experiments import sharding as shd
 from experiments.configs import common
+from experiments.harness import steps
 from jaxprune import shrink
 from jaxprune.compact import infer_layers
 
@@ -369,7 +370,7 @@ def inference_speedup(dense: Run, small: Run, rounds: int) -> dict:
   x = jnp.zeros((INFERENCE_BATCH, *dense.input_shape), jnp.float32)
   fns = {}
   for run in (dense, small):
-    variables = train._variables(run.state.params, run.state.batch_stats)
+    variables = steps.variables(run.state.params, run.state.batch_stats)
     f = jax.jit(lambda v, x, m=run.model: m.apply(v, x, train=False))
     fns[run.name] = (f, variables)
   for f, v in fns.values():
