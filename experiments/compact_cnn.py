@@ -47,6 +47,7 @@ import optax
 
 import jaxprune
 from experiments import configs, data, models
+from experiments.harness import steps
 from experiments.harness.inputs import in_memory
 from jaxprune.compact import compact
 from jaxprune.export import load_compressed, save_compressed
@@ -102,7 +103,7 @@ def make_train_step(model, tx):
   def train_step(params, batch_stats, opt_state, batch):
     def loss_fn(p):
       logits, updated = model.apply(
-        {"params": p, "batch_stats": batch_stats},
+        steps.variables(p, batch_stats),
         batch["image"],
         train=True,
         mutable=["batch_stats"],
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   masks = with_batchnorm_masks(jaxprune.get_masks(opt_state))
   masked_params = jaxprune.apply_masks(params, masks)
-  big_vars = {"params": masked_params, "batch_stats": batch_stats}
+  big_vars = steps.variables(masked_params, batch_stats)
 
   # 3. Compact and rebuild.
   out = compact(masked_params, masks, batch_stats, conv_padding="SAME")
