@@ -47,7 +47,8 @@ import optax
 
 import jaxprune
 from experiments import configs, data, models
-from experiments.datasets.digits import ArraySource
+from experiments.harness import steps
+from experiments.harness.inputs import in_memory
 from jaxprune.compact import compact
 from jaxprune.export import load_compressed, save_compressed
 
@@ -55,23 +56,6 @@ from jaxprune.export import load_compressed, save_compressed
 INCLUDE = r"^(Conv_\d+|Dense_0)/kernel$"
 CHECK_BATCH = 256
 ATOL = 1e-4
-
-
-# ------------------------------------------------------------------------- data
-
-
-def in_memory(source: data.Source, limit: int | None = None) -> data.Source:
-  """`source` (its first `limit` examples) read once into numpy arrays."""
-  n = len(source) if not limit else min(int(limit), len(source))
-  images, labels = [], []
-  for lo in range(0, n, 4096):
-    records = source.__getitems__(range(lo, min(lo + 4096, n)))
-    images.append(np.stack([np.asarray(r["image"]) for r in records]))
-    labels.append(np.asarray([r["label"] for r in records], np.int64))
-  arrays = {"image": np.concatenate(images), "label": np.concatenate(labels)}
-  return data.Source(
-    ArraySource(arrays), source.spec, source.split, f"{source.origin}, in memory", source.dataset
-  )
 
 
 # --------------------------------------------------------------- BatchNorm ties
@@ -119,7 +103,7 @@ def make_train_step(model, tx):
   def train_step(params, batch_stats, opt_state, batch):
     def loss_fn(p):
       logits, updated = model.apply(
-        {"params": p, "batch_stats": batch_stats},
+        steps.variables(p, batch_stats),
         batch["image"],
         train=True,
         mutable=["batch_stats"],
@@ -288,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   masks = with_batchnorm_masks(jaxprune.get_masks(opt_state))
   masked_params = jaxprune.apply_masks(params, masks)
-  big_vars = {"params": masked_params, "batch_stats": batch_stats}
+  big_vars = steps.variables(masked_params, batch_stats)
 
   # 3. Compact and rebuild.
   out = compact(masked_params, masks, batch_stats, conv_padding="SAME")

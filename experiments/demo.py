@@ -4,7 +4,7 @@
     python -m experiments.demo --steps=500    # quicker, less accurate
 
 Trains the LeNet-300-100 MLP of `experiments/configs/fmnist_mlp.py` twice with
-`experiments.train` -- densely, then sparse from scratch with RigL (Evci et
+`experiments.harness.run` -- densely, then sparse from scratch with RigL (Evci et
 al., 2020) at 90% sparsity (ERK, mask updates every 100 steps until 75% of
 training) -- prints each run's per-layer sparsity table, then both test
 accuracies. Runs live in `--workdir` (default /tmp/jaxprune_demo); rerunning the
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from experiments import train
+from experiments import harness
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "fmnist_mlp.py")
 
@@ -55,9 +55,8 @@ def main(argv=None) -> int:
   results = {}
   for algorithm in ("dense", "rigl"):
     print(f"\n=== {algorithm} ===", flush=True)
-    results[algorithm] = train.run(
-      train.parse_config(run_argv(algorithm, args.steps, args.workdir))
-    )
+    config = harness.parse_config(run_argv(algorithm, args.steps, args.workdir))
+    _, results[algorithm] = harness.run(config)
   dense, rigl = results["dense"], results["rigl"]
   print(f"\ndense:          test accuracy {dense['test_accuracy']:.4f}")
   print(

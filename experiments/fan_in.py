@@ -24,7 +24,7 @@ def final_masks(workdir: str) -> dict:
   """``{kernel path: bool mask}`` of the full-shape masks in the newest checkpoint."""
   import orbax.checkpoint as ocp
 
-  from experiments import checkpoint
+  from experiments.harness import checkpoint
 
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, checkpoint.SUBDIR)))
   try:

@@ -18,7 +18,7 @@ Connectivity and the Lottery Ticket Hypothesis"):
    random re-initialisation, and a random mask with the same per-layer
    sparsity (on the rewound weights).
 
-Every run is a `experiments.train` run (its loop, checkpoints every
+Every run is an `experiments.harness.run` (its loop, checkpoints every
 `checkpoint_every` steps, resume after interruption) in its own folder under
 `config.workdir`; finished runs are skipped when the command is run again.
 Prints a table of test accuracy against remaining weights, writes the plot,
@@ -27,49 +27,45 @@ and ends with one JSON line.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
 import os
 import sys
-import time
 from typing import Sequence
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 import jaxprune
-from experiments import checkpoint as ckpt
-from experiments import data, train
-from experiments import sharding as shd
-from experiments.configs import common
+from experiments import harness
+from experiments.harness import cache
+from experiments.harness.config import check_config
 
 KINDS = ("ticket", "reinit", "random")
 FLAGS = {"rounds": 3, "prune_fraction": 0.2, "rewind_step": 0, "scope": "layer", "plot": ""}
 
 
 def split_argv(argv: Sequence[str]) -> tuple[dict, list[str]]:
-  """``(lottery flags, the argv left for experiments.train.parse_config)``."""
+  """``(lottery flags, the argv left for experiments.harness.parse_config)``."""
   flags, rest = dict(FLAGS), [argv[0]]
   for a in argv[1:]:
     key = a[2:].split("=", 1)[0] if a.startswith("--") else None
     if key in FLAGS:
       if "=" not in a:
-        raise train.ConfigError(f"--{key} needs a value (--{key}=...)")
+        raise harness.ConfigError(f"--{key} needs a value (--{key}=...)")
       value = a.split("=", 1)[1]
       flags[key] = type(FLAGS[key])(value) if not isinstance(FLAGS[key], str) else value
     else:
       rest.append(a)
   if flags["rounds"] < 0:
-    raise train.ConfigError(f"--rounds must be >= 0, got {flags['rounds']}")
+    raise harness.ConfigError(f"--rounds must be >= 0, got {flags['rounds']}")
   if not 0.0 < flags["prune_fraction"] < 1.0:
-    raise train.ConfigError(f"--prune_fraction must be in (0, 1), got {flags['prune_fraction']}")
+    raise harness.ConfigError(f"--prune_fraction must be in (0, 1), got {flags['prune_fraction']}")
   if flags["scope"] not in ("layer", "global"):
-    raise train.ConfigError(f"--scope must be 'layer' or 'global', got {flags['scope']!r}")
+    raise harness.ConfigError(f"--scope must be 'layer' or 'global', got {flags['scope']!r}")
   return flags, rest
 
 
@@ -123,67 +119,22 @@ def _load(path, template):
 
 
 def run_one(config, workdir: str, params0, masks, start_step: int, stop_at=None, log=None):
-  """One `experiments.train` run with fixed ``masks`` from ``params0`` at
-  ``start_step`` (resumed from its checkpoint when there is one), to
-  ``config.steps`` or, with the same learning-rate schedule, to ``stop_at``.
+  """One `experiments.harness.run` with fixed ``masks`` from ``params0`` at
+  ``start_step`` (resumed from its checkpoint when there is one), in ``workdir``,
+  to ``config.steps`` or, with the same learning-rate schedule, to ``stop_at``.
 
-  Returns ``(final params, result dict)``.
+  Returns ``(final params, result dict)``; progress goes to ``log`` (default: nowhere).
   """
-  algorithm = jaxprune.create("fixed", masks=masks)
-  return run_with(config, workdir, algorithm, params0, start_step, stop_at=stop_at, log=log)
-
-
-def run_with(
-  config, workdir: str, algorithm, params0, start_step=0, *, stop_at=None, model=None, log=None
-):
-  """:func:`run_one` for any ``algorithm`` (and optionally another ``model``
-  object with the same ``init``/``apply``): the `experiments.train` loop,
-  checkpoints and result, starting from ``params0``."""
-  t0 = time.time()
-  with config.unlocked():
-    config.workdir = workdir
-    config.algorithm = "dense"  # built and then replaced by `algorithm` below
-  setup = train.build(config)
-  if model is not None:
-    setup = dataclasses.replace(setup, model=model)
-  tx = jaxprune.sparsify(common.optimizer(config, setup.schedule), algorithm)
-  base = train.make_init(setup.model, tx, data.input_shape(config))
-
-  def init_model(rng):
-    _, batch_stats, state_rng = base.model(rng)
-    return params0, batch_stats, state_rng
-
-  def init_state(rng):
-    params, batch_stats, state_rng = init_model(rng)
-    params, opt_state = base.optimizer(params)
-    return train.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, opt_state, state_rng)
-
-  init = train.Init(init_model, base.optimizer, init_state)
-  shapes = jax.eval_shape(init.state, jax.random.PRNGKey(0))
-  shardings = shd.state_shardings(shapes, setup.mesh)
-  setup = dataclasses.replace(
-    setup, algorithm=algorithm, tx=tx, init=init, shapes=shapes, shardings=shardings
+  config = config.copy_and_resolve_references()
+  config.workdir = workdir
+  state, result = harness.run(
+    config,
+    algorithm=jaxprune.create("fixed", masks=masks),
+    params0=params0,
+    start_step=start_step,
+    stop_at=stop_at,
+    out=log or io.StringIO(),
   )
-  if stop_at is not None:  # the loop stops early; tx and schedule stay those of config.steps
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.steps = int(stop_at)
-    setup = dataclasses.replace(setup, config=config)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = ckpt.Checkpointer(workdir)
-  try:
-    restored = checkpointer.restore_latest(ckpt.abstract_state(shapes, shardings), config)
-    if restored is not None:
-      state, start = restored
-    else:
-      state = train.initial_state(init, int(config.seed), shardings)
-      step = jax.device_put(jnp.int32(start_step), shardings.step)
-      state, start = state._replace(step=step), start_step
-    state, evaluation = train.train_loop(
-      setup, state, start, checkpointer, None, log or io.StringIO()
-    )
-    result, _ = train.final_result(setup, state, evaluation, start, time.time() - t0)
-  finally:
-    checkpointer.close()
   return jax.device_get(state.params), result
 
 
@@ -195,12 +146,11 @@ def lottery(config, flags: dict, out=None) -> dict:
   os.makedirs(root, exist_ok=True)
   steps, k = int(config.steps), int(flags["rewind_step"])
   if not 0 <= k < max(steps, 1):
-    raise train.ConfigError(f"--rewind_step must be in [0, config.steps), got {k}")
+    raise harness.ConfigError(f"--rewind_step must be in [0, config.steps), got {k}")
   seed = int(config.seed)
 
   # Round 0: dense training; the weights at step K are the rewind point.
-  setup = train.build(config)
-  init_params = jax.device_get(jax.jit(setup.init.model)(jax.random.PRNGKey(seed))[0])
+  _, init_params, _ = harness.initial_variables(config, seed)
   masks = dense_masks(init_params)
   rewind_path = os.path.join(root, "rewind.msgpack")
   if not os.path.exists(rewind_path):
@@ -210,22 +160,23 @@ def lottery(config, flags: dict, out=None) -> dict:
       rewound, _ = run_one(config, os.path.join(root, "rewind"), init_params, masks, 0, stop_at=k)
       _save(rewind_path, rewound)
   rewind = _load(rewind_path, init_params)
-  reinit = jax.device_get(jax.jit(setup.init.model)(jax.random.PRNGKey(seed + 10_000))[0])
+  _, reinit, _ = harness.initial_variables(config, seed + 10_000)
 
   rows = []
 
   def run_cached(name, params0, masks, start):
+    """A finished run's final params and result, or the run (its params kept)."""
     folder = os.path.join(root, name)
-    done = os.path.join(folder, "lottery_result.json")
     final_path = os.path.join(folder, "final.msgpack")
-    if os.path.exists(done) and os.path.exists(final_path):
-      with open(done) as f:
-        return _load(final_path, init_params), json.load(f)
-    final, result = run_one(config, folder, params0, masks, start)
-    _save(final_path, final)
-    with open(done, "w") as f:
-      json.dump(result, f)
-    return final, result
+
+    def fresh():
+      final, result = run_one(config, folder, params0, masks, start)
+      _save(final_path, final)
+      return result
+
+    done = os.path.join(folder, "lottery_result.json")
+    result = cache.cached(done, fresh, matches=lambda _: os.path.exists(final_path))
+    return _load(final_path, init_params), result
 
   final, result = run_cached("round_0", init_params, masks, 0)
   dense_acc = result["test_accuracy"]
@@ -294,18 +245,14 @@ def plot(rows, path: str, title: str = "") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  try:
+
+  def main_():
     flags, rest = split_argv(argv)
-    config = train.parse_config(rest)
-    train.check_config(config)
+    config = harness.parse_config(rest)
+    check_config(config)
     lottery(config, flags)
-  except train.Interrupted as e:
-    print(f"[lottery] {e}", file=sys.stderr, flush=True)
-    return e.exit_code
-  except (train.ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+
+  return harness.exit_status("lottery", main_)
 
 
 if __name__ == "__main__":

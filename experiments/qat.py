@@ -4,7 +4,7 @@
         [--precisions=float,int8,int4] [--sparsities=0,0.5,0.9] [--seeds=0,1,2] \\
         [--group_size=32] [--workdir=runs/qat] [--out=results/qat/qat.json] [--config.KEY=V]
 
-Every cell (precision x sparsity x seed) is one `experiments.train` run of the
+Every cell (precision x sparsity x seed) is one `experiments.harness.run` of the
 config (data, model, optimizer and loop are the harness's), sparse through
 ``jaxprune.sparsify``: sparsity 0 is ``dense``, otherwise ``gradual_magnitude``
 (Zhu & Gupta 2018) with the schedule `experiments.sweep` uses (10% to 75% of
@@ -46,8 +46,11 @@ import ml_collections
 import numpy as np
 
 import jaxprune
-from experiments import checkpoint as ckpt
-from experiments import data, sweep, train
+from experiments import data, harness, sweep
+from experiments.harness import cache, loop, steps
+from experiments.harness import checkpoint as ckpt
+from experiments.harness.config import check_config
+from experiments.harness.result import write_json
 from jaxprune import qat
 
 DEFAULT_CONFIG = os.path.join(
@@ -91,15 +94,17 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     elif a.startswith("--") and key in FLAGS and eq:
       flags[key] = value
     else:
-      raise train.ConfigError(f"unknown argument {a!r}; flags: {', '.join(FLAGS)}, --config.KEY=V")
+      raise harness.ConfigError(
+        f"unknown argument {a!r}; flags: {', '.join(FLAGS)}, --config.KEY=V"
+      )
   bad = [p for p in flags["precisions"].split(",") if p not in PRECISIONS]
   if bad:
-    raise train.ConfigError(f"--precisions: unknown {bad}; one of {', '.join(PRECISIONS)}")
+    raise harness.ConfigError(f"--precisions: unknown {bad}; one of {', '.join(PRECISIONS)}")
   for s in flags["sparsities"].split(","):
     if not 0.0 <= float(s) < 1.0:
-      raise train.ConfigError(f"--sparsities: {s} is not in [0, 1)")
+      raise harness.ConfigError(f"--sparsities: {s} is not in [0, 1)")
   if not flags["out"].endswith(".json"):
-    raise train.ConfigError(f"--out must be a .json path, got {flags['out']!r}")
+    raise harness.ConfigError(f"--out must be a .json path, got {flags['out']!r}")
   return flags, overrides
 
 
@@ -130,30 +135,28 @@ def cell_config(flags: dict, overrides: list[str], cell: Cell, workdir: str):
   ]
   if algorithm != "dense":
     argv.append(f"--config.sparsity={cell.sparsity}")
-  config = ml_collections.ConfigDict(train.parse_config(argv + overrides).to_dict())
-  train.check_config(config)
+  config = ml_collections.ConfigDict(harness.parse_config(argv + overrides).to_dict())
+  check_config(config)
   return config
 
 
-def quantised_setup(setup: train.Setup, config, bits: int | None, group_size: int):
-  """`setup` with its model wrapped for qwix QAT at `bits` (unchanged for None)."""
+def quantised_model(model, bits: int | None, group_size: int):
+  """`model` wrapped for qwix QAT at `bits` (None: the model itself)."""
   if bits is None:
-    return setup
+    return None
   import qwix
 
   rules = qat.qat_rules(bits, group_size=group_size if bits == 4 else None)
-  model = qwix.quantize_model(setup.model, qwix.QtProvider(rules))
-  init = train.make_init(model, setup.tx, data.input_shape(config))
-  return dataclasses.replace(setup, model=model, init=init)
+  return qwix.quantize_model(model, qwix.QtProvider(rules))
 
 
-def ptq_figures(setup: train.Setup, config, state, masks, bits: int, group_size) -> dict:
+def ptq_figures(setup: harness.Setup, config, state, masks, bits: int, group_size) -> dict:
   """Test accuracy after weight-only PTQ at `bits` (round-to-nearest on qwix's grid,
   `jaxprune.qat.fake_quantize`) and the pruned entries with a non-zero code."""
   params = jax.device_get(state.params)
   rounded = qat.fake_quantize(params, bits, group_size=group_size)
-  eval_step = jax.jit(train.make_eval_step(setup.model, setup.num_classes))
-  evaluation = train.evaluate(
+  eval_step = jax.jit(steps.make_eval_step(setup.model, setup.num_classes))
+  evaluation = loop.evaluate(
     eval_step,
     state._replace(params=rounded),
     data.eval_batches(config, source=setup.test_source),
@@ -175,11 +178,10 @@ def run_cell(flags: dict, overrides: list[str], cell: Cell, out) -> dict | None:
   workdir = os.path.abspath(os.path.join(flags["workdir"], cell.name))
   done = os.path.join(workdir, RESULT_FILE)
   config = cell_config(flags, overrides, cell, workdir)
-  if os.path.exists(done):
-    with open(done) as f:
-      row = json.load(f)
+  row = cache.load(done)
+  if row is not None:
     if row.get("config") != ckpt.config_dict(config):
-      raise train.ConfigError(
+      raise harness.ConfigError(
         f"{done} was made with a different config; move it away or use another --workdir"
       )
     return row
@@ -187,17 +189,9 @@ def run_cell(flags: dict, overrides: list[str], cell: Cell, out) -> dict | None:
     return None
   group_size = int(flags["group_size"])
   t0 = time.time()
-  base = train.build(config)
-  setup = quantised_setup(base, config, PRECISIONS[cell.precision], group_size)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = ckpt.Checkpointer(workdir)
-  try:
-    state, start = train.restore_or_init(setup, checkpointer)
-    with open(os.path.join(workdir, train.METRICS_FILE), "a") as metrics:
-      state, evaluation = train.train_loop(setup, state, start, checkpointer, metrics, out)
-  finally:
-    checkpointer.close()
-  result, _ = train.final_result(base, state, evaluation, start, time.time() - t0)
+  base = harness.build(config)
+  model = quantised_model(base.model, PRECISIONS[cell.precision], group_size)
+  state, result = harness.run(config, model=model, out=out)
   masks = jax.device_get(jaxprune.get_masks(state.opt_state))
   row = {
     "precision": cell.precision,
@@ -216,7 +210,7 @@ def run_cell(flags: dict, overrides: list[str], cell: Cell, out) -> dict | None:
     row[f"ptq_int{bits}_pruned_nonzero_codes"] = figures["pruned_nonzero_codes"]
   row["wall_s"] = round(time.time() - t0, 2)
   row["config"] = ckpt.config_dict(config)
-  train._write_json(done, row)
+  write_json(done, row)
   return row
 
 
@@ -302,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     out_path = os.path.abspath(flags["out"])
     if os.path.exists(out_path):
-      raise train.ConfigError(f"--out {out_path} exists; choose another path (not overwritten)")
+      raise harness.ConfigError(f"--out {out_path} exists; choose another path (not overwritten)")
     t0 = time.time()
     rows, missing = [], []
     for cell in plan(flags):
@@ -319,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
       )
       rows.append(row)
-  except (train.ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
+  except (harness.ConfigError, ckpt.CheckpointError, data.DatasetNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   markdown, summary = table(rows)
@@ -334,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     "missing": missing,
     "rows": rows,
   }
-  train._write_json(out_path, results)
+  write_json(out_path, results)
   if flags["plot"]:
     plot(summary, flags["plot"])
   nonzero = sum(

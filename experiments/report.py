@@ -262,8 +262,9 @@ def _remaining(x: float) -> str:
   return f"{100 * x:.3g}%"
 
 
-def lottery_seeds(name: str) -> str:
-  runs = _json(name)["runs"]
+def lottery(runs: Sequence[dict]) -> str:
+  """Accuracy per round of one or more lottery runs (mean ± std over runs); the
+  best of ticket, reinit and random mask per round in bold."""
   out, means = [], []
   for i, row in enumerate(runs[0]["rows"]):
     cells, mrow = [str(row["round"]), _remaining(row["remaining"])], [None, None]
@@ -285,21 +286,6 @@ def lottery_seeds(name: str) -> str:
   return _table(["round", "remaining", "ticket", "reinit", "random mask"], out)
 
 
-def lottery_single(name: str) -> str:
-  data = _json(name)
-  out = []
-  for row in data["rows"]:
-    values = [row[k] for k in ("ticket", "reinit", "random")]
-    cells = ["-" if v is None else f"{v:.4f}" for v in values]
-    if row["round"] == 0:
-      cells[0] += " (dense)"
-    else:
-      best = max(values)
-      cells = [f"**{c}**" if v == best else c for c, v in zip(cells, values)]
-    out.append([str(row["round"]), _remaining(row["remaining"])] + cells)
-  return _table(["round", "remaining", "ticket", "reinit", "random mask"], out)
-
-
 # ------------------------------------------------------------------ tables
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -309,8 +295,8 @@ TABLES: dict[str, Callable[[], str]] = {
   "at-init-mlp": lambda: at_init("toolbox_at_init_fmnist_mlp.json"),
   "at-init-mlp-3000": lambda: at_init("toolbox_at_init_fmnist_mlp_3000.json"),
   "at-init-cnn": lambda: at_init("toolbox_at_init_fmnist_cnn.json"),
-  "lottery-3seeds": lambda: lottery_seeds("lottery_fmnist_mlp_3seeds.json"),
-  "lottery-p02": lambda: lottery_single("lottery_p02_fmnist_mlp.json"),
+  "lottery-3seeds": lambda: lottery(_json("lottery_fmnist_mlp_3seeds.json")["runs"]),
+  "lottery-p02": lambda: lottery([_json("lottery_p02_fmnist_mlp.json")]),
   "rescale": lambda: rescale("toolbox_rescale_fmnist_mlp.json"),
   "dst-options": lambda: dst_options("toolbox_dst_options_fmnist_mlp.json"),
   "dst-options-3000": lambda: dst_options("toolbox_dst_options_fmnist_mlp_3000.json"),

@@ -61,6 +61,7 @@ from experiments import checkpoint as ckpt
 from experiments import data, models, train
 from experiments import sharding as shd
 from experiments.configs import common
+from experiments.harness import steps as harness_steps
 from jaxprune import shrink
 from jaxprune.compact import infer_layers
 
@@ -114,8 +115,7 @@ def shrink_algorithm(config, params, target: float, schedule: Sequence[float], s
 
 
 def forward_flops(model, params, batch_stats, input_shape) -> int:
-  variables = lambda p: {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}
-  apply = lambda p, x: model.apply(variables(p), x, train=False)
+  apply = lambda p, x: model.apply(harness_steps.variables(p, batch_stats), x, train=False)
   return int(jaxprune.flops(apply, params, None, jnp.zeros((1, *input_shape))).dense)
 
 
@@ -369,7 +369,7 @@ def inference_speedup(dense: Run, small: Run, rounds: int) -> dict:
   x = jnp.zeros((INFERENCE_BATCH, *dense.input_shape), jnp.float32)
   fns = {}
   for run in (dense, small):
-    variables = train._variables(run.state.params, run.state.batch_stats)
+    variables = harness_steps.variables(run.state.params, run.state.batch_stats)
     f = jax.jit(lambda v, x, m=run.model: m.apply(v, x, train=False))
     fns[run.name] = (f, variables)
   for f, v in fns.values():

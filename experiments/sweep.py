@@ -21,7 +21,7 @@ Afterwards `--results_dir` (default: `--workdir`) gets
 - below the accuracy table, a table with both FLOPs ratios of every algorithm x
   sparsity x length (`inference_flops_ratio`, `training_flops_ratio`; results
   written before runs recorded them get them from their per-layer sparsity,
-  `experiments.accounting`), and `accuracy_vs_training_flops.png`.
+  `experiments.harness.result`), and `accuracy_vs_training_flops.png`.
 
 Recipe applied to every run (later `--set KEY=VALUE` flags override it):
 gradual_magnitude prunes from 10% to 75% of `steps` (Zhu & Gupta's cubic
@@ -125,26 +125,6 @@ def run_argv(
   return argv
 
 
-def finished_result(run_dir: str, config) -> dict | None:
-  """The run's result.json if it finished with this very config, else None."""
-  from experiments import checkpoint, train
-
-  result_path = os.path.join(run_dir, train.RESULT_FILE)
-  config_path = os.path.join(run_dir, train.CONFIG_FILE)
-  if not (os.path.exists(result_path) and os.path.exists(config_path)):
-    return None
-  with open(result_path) as f:
-    result = json.load(f)
-  with open(config_path) as f:
-    saved = json.load(f)
-  same = not checkpoint.differences(checkpoint.fingerprint(saved), checkpoint.fingerprint(config))
-  if same and result.get("steps") == config.steps and saved.get("steps") == config.steps:
-    # Results written before runs recorded their dataset are redone (the run
-    # resumes from its final checkpoint, so only the evaluation is repeated).
-    return result if result.get("dataset") else None
-  return None
-
-
 def dataset_of(rows: Iterable[dict]) -> str:
   """The one dataset of `rows`; ValueError if they mix datasets (or lack one).
 
@@ -221,9 +201,9 @@ def markdown_table(
 
 
 def with_flops(result: dict, config) -> dict:
-  """`result` with the FLOPs fields of `experiments.accounting`; a result
+  """`result` with the FLOPs fields of `experiments.harness.result`; a result
   written before runs recorded them gets them from its per-layer sparsity."""
-  from experiments import accounting
+  from experiments.harness import result as accounting
 
   if all(k in result for k in accounting.FIELDS):
     return result
@@ -322,15 +302,16 @@ def write_outputs(
 
 
 def _run_in_process(argv: list[str], log_path: str) -> dict:
-  from experiments import train
+  from experiments import harness
 
-  config = train.parse_config(["train", *argv])
+  config = harness.parse_config(["train", *argv])
   with open(log_path, "a") as log, contextlib.redirect_stderr(log):
-    return train.run(config, out=log)
+    return harness.run(config, out=log)[1]
 
 
 def _run_subprocess(argv: list[str], log_path: str, env: dict) -> dict:
-  from experiments import train
+  from experiments import harness
+  from experiments.harness.result import RESULT_FILE
 
   with open(log_path, "a") as log:
     proc = subprocess.run(
@@ -340,11 +321,11 @@ def _run_subprocess(argv: list[str], log_path: str, env: dict) -> dict:
       env=env,
     )
   if proc.returncode in (130, 143):
-    raise train.Interrupted(proc.returncode - 128, -1)
+    raise harness.Interrupted(proc.returncode - 128, -1)
   if proc.returncode != 0:
     raise RuntimeError(f"experiments.train exited with status {proc.returncode}; see {log_path}")
   workdir = [a.split("=", 1)[1] for a in argv if a.startswith("--config.workdir=")][-1]
-  with open(os.path.join(workdir, train.RESULT_FILE)) as f:
+  with open(os.path.join(workdir, RESULT_FILE)) as f:
     return json.load(f)
 
 
@@ -417,7 +398,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the sweep; returns the exit status (1 if any run failed)."""
-  from experiments import train
+  from experiments import harness
+  from experiments.harness import cache as finished
 
   args = parse_args(sys.argv[1:] if argv is None else argv)
   results_dir = args.results_dir or args.workdir
@@ -438,8 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       spec, config=args.config, steps=args.steps, workdir=args.workdir, extra=args.set
     )
     run_dir = os.path.join(args.workdir, spec.name)
-    config = train.parse_config(["train", *argv_run])
-    result = finished_result(run_dir, config)
+    config = harness.parse_config(["train", *argv_run])
+    result = finished.finished_run(run_dir, config)
     status = "done before"
     if result is None:
       os.makedirs(run_dir, exist_ok=True)
@@ -451,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           else _run_in_process(argv_run, log_path)
         )
         status = f"{result['wall_s']:.1f} s"
-      except train.Interrupted as e:
+      except harness.Interrupted as e:
         print(
           f"[sweep] interrupted during {spec.name}; rerun the same command to resume", flush=True
         )

@@ -22,17 +22,18 @@ Tables:
   schedule, for SET and RigL, with the median active ``|w|`` per layer at the
   end: the ablation behind the ``"random"`` ratchet in long runs.
 
-Every run is an `experiments.train` run (checkpointed, resumable, finished runs
+Every run is an `experiments.harness.run` (checkpointed, resumable, finished runs
 skipped on a rerun) under ``config.workdir``. Prints a table and ends with one
 JSON line.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +42,13 @@ import numpy as np
 import optax
 
 import jaxprune
-from experiments import lottery, train
+from experiments import harness
+from experiments.harness import cache
+from experiments.harness.config import check_config
+from experiments.harness.steps import variables
 from jaxprune.paths import path_str
 
 FLAGS = {"table": "", "sparsities": "", "seeds": "0", "plot": ""}
-# Each table and its default ``--sparsities``.
-TABLES = {
-  "at_init": "0.9,0.99,0.999",
-  "sr_ste": "",
-  "dst": "0.95,0.98",
-  "regrowth": "0.98",
-  "rescale": "0.95,0.98",
-}
 # The fixed standard deviation of the ``regrowth`` table's float ``grow_init``:
 # within LeNet-300-100's LeCun-normal init stds (0.036, 0.058, 0.100).
 REGROWTH_STD = 0.05
@@ -67,7 +63,7 @@ def _split(argv):
     else:
       rest.append(a)
   if flags["table"] not in TABLES:
-    raise train.ConfigError(f"--table must be one of {', '.join(TABLES)}, got {flags['table']!r}")
+    raise harness.ConfigError(f"--table must be one of {', '.join(TABLES)}, got {flags['table']!r}")
   return flags, rest
 
 
@@ -77,28 +73,17 @@ def _fresh(config, seed):
   return c
 
 
-def _model_init(config, seed):
-  setup = train.build(_algo_free(config))
-  params, batch_stats, _ = jax.jit(setup.init.model)(jax.random.PRNGKey(int(seed)))
-  return setup, jax.device_get(params), jax.device_get(batch_stats)
-
-
-def _algo_free(config):
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.algorithm = "dense"
-  return c
-
-
 def _cached(workdir, fn):
-  done = os.path.join(workdir, "toolbox_result.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
-  result = fn()
-  os.makedirs(workdir, exist_ok=True)
-  with open(done, "w") as f:
-    json.dump(result, f)
-  return result
+  return cache.cached(os.path.join(workdir, "toolbox_result.json"), fn)
+
+
+def _train(config, workdir, algorithm, params0):
+  """`experiments.harness.run` of ``algorithm`` from ``params0`` in ``workdir``
+  (quietly); returns ``(final params, result)``."""
+  config = config.copy_and_resolve_references()
+  config.workdir = workdir
+  state, result = harness.run(config, algorithm=algorithm, params0=params0, out=io.StringIO())
+  return jax.device_get(state.params), result
 
 
 # ----------------------------------------------------------------------- at init
@@ -106,17 +91,15 @@ def _cached(workdir, fn):
 
 def _loss(setup, batch_stats):
   def loss(params, batch, temperature=1.0):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits = setup.model.apply(variables, batch["image"], train=False) / temperature
+    logits = setup.model.apply(variables(params, batch_stats), batch["image"], train=False)
+    logits = logits / temperature
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
   return loss
 
 
 def _apply(setup, batch_stats):
-  return lambda p, x: setup.model.apply(
-    {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}, x, train=False
-  )
+  return lambda p, x: setup.model.apply(variables(p, batch_stats), x, train=False)
 
 
 def has_path(apply_fn, params, masks, input_shape) -> bool:
@@ -156,7 +139,7 @@ def table_at_init(config, sparsities, seeds, say):
   root = config.workdir
   for seed in seeds:
     c = _fresh(config, seed)
-    setup, params, batch_stats = _model_init(c, seed)
+    setup, params, batch_stats = harness.initial_variables(c, seed)
     for s in sparsities:
       for method in ("snip", "grasp", "synflow", "magnitude", "random"):
         folder = os.path.join(root, f"{method}_s{s}_seed{seed}")
@@ -171,7 +154,7 @@ def table_at_init(config, sparsities, seeds, say):
             for k, m in jax.tree_util.tree_flatten_with_path(masks)[0]
             if np.ndim(m) and not np.asarray(m).any()
           ]
-          _, result = lottery.run_one(_fresh(c, seed), folder, params, masks, 0)
+          _, result = _train(c, folder, jaxprune.create("fixed", masks=masks), params)
           return {
             "method": method,
             "sparsity": s,
@@ -193,28 +176,7 @@ def table_at_init(config, sparsities, seeds, say):
 # ------------------------------------------------------------------------ SR-STE
 
 
-class _SparseForward:
-  """A model whose forward pass runs on ``straight_through(params, masks(params))``.
-
-  With ``update_every=1`` the STE algorithms' masks are the magnitude masks of
-  the params handed to ``tx.update``, which are the params of this forward
-  pass: recomputing them here gives exactly the algorithm's masks.
-  """
-
-  def __init__(self, model, algorithm):
-    self.model, self.algorithm = model, algorithm
-
-  def init(self, *args, **kwargs):
-    return self.model.init(*args, **kwargs)
-
-  def apply(self, variables, *args, **kwargs):
-    params = variables["params"]
-    masks, _ = self.algorithm.init(params)
-    sparse = jaxprune.straight_through(params, masks)
-    return self.model.apply({**variables, "params": sparse}, *args, **kwargs)
-
-
-def table_sr_ste(config, seeds, say):
+def table_sr_ste(config, sparsities, seeds, say):
   rows = []
   steps = int(config.steps)
   variants = {
@@ -231,14 +193,13 @@ def table_sr_ste(config, seeds, say):
   }
   for seed in seeds:
     c = _fresh(config, seed)
-    setup, params, _ = _model_init(c, seed)
+    _, params, _ = harness.initial_variables(c, seed)
     for name, make in variants.items():
       folder = os.path.join(config.workdir, f"{name.replace(':', '_')}_seed{seed}")
 
       def run():
         algo = make()
-        model = _SparseForward(setup.model, algo) if algo.straight_through else None
-        final, result = lottery.run_with(_fresh(c, seed), folder, algo, params, model=model)
+        final, result = _train(c, folder, algo, params)
         out = {"variant": name, "seed": seed, "test_accuracy": result["test_accuracy"]}
         if algo.straight_through:
           masks, _ = algo.init(final)
@@ -282,7 +243,7 @@ def _dst_grid(config, sparsities, seeds, say, variants):
   common = dict(update_every=100, end_step=int(0.75 * int(config.steps)), drop_fraction=0.3)
   for seed in seeds:
     c = _fresh(config, seed)
-    _, params, _ = _model_init(c, seed)
+    _, params, _ = harness.initial_variables(c, seed)
     for s in sparsities:
       for name in ("set", "rigl"):
         for label, (extra, rescale, fields) in variants.items():
@@ -294,7 +255,7 @@ def _dst_grid(config, sparsities, seeds, say, variants):
             if rescale:
               masks, _ = algo.init(params)
               start = jaxprune.rescale_init(params, masks)
-            final, result = lottery.run_with(_fresh(c, seed), folder, algo, start)
+            final, result = _train(c, folder, algo, start)
             return {
               "algorithm": name,
               **fields,
@@ -344,13 +305,16 @@ def table_rescale(config, sparsities, seeds, say):
 
   rows = []
   for seed in seeds:
-    setup, params, batch_stats = _model_init(_fresh(config, seed), seed)
+    setup, params, batch_stats = harness.initial_variables(_fresh(config, seed), seed)
     x = jax.random.uniform(jax.random.PRNGKey(seed + 1), (512, *data.input_shape(config)))
 
     def stds(p):
-      variables = {"params": p, **({"batch_stats": batch_stats} if batch_stats else {})}
       _, st = setup.model.apply(
-        variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        variables(p, batch_stats),
+        x,
+        train=False,
+        capture_intermediates=True,
+        mutable=["intermediates"],
       )
       inter = st["intermediates"]
       return {
@@ -377,54 +341,62 @@ def _mean_std(values):
   return f"{v.mean():.4f}" + (f" ± {v.std():.4f}" if len(v) > 1 else "")
 
 
-def markdown(table, rows) -> str:
-  if table == "rescale":
-    layers = list(rows[0]["std"])
-    lines = ["| sparsity | masks | " + " | ".join(f"std {k}" for k in layers) + " |"]
-    lines.append("|---|---" + "|---" * len(layers) + "|")
-    for r in rows:
-      cells = " | ".join(f"{r['std'][k]:.4f}" for k in layers)
-      lines.append(f"| {100 * r['sparsity']:g}% | {r['variant']} | {cells} |")
-    return "\n".join(lines)
-  if table == "at_init":
-    sparsities = sorted({r["sparsity"] for r in rows})
-    lines = ["| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"]
-    lines.append("|---" * (len(sparsities) + 1) + "|")
-    for method in ("snip", "grasp", "synflow", "magnitude", "random"):
-      cells = []
-      for s in sparsities:
-        sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
-        if not sel:
-          cells.append("-")
-          continue
-        collapsed = sum(r["collapsed"] for r in sel)
-        cells.append(
-          _mean_std([r["test_accuracy"] for r in sel])
-          + (f" (collapsed {collapsed}/{len(sel)})" if collapsed else "")
-        )
-      lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-  if table == "regrowth":
-    layers = list(rows[0]["median_active_abs_w"])
-    head = "| algorithm | grow_init | drop_schedule | sparsity | test accuracy | "
-    lines = [head + " | ".join(f"median active \\|w\\| {k}" for k in layers) + " |"]
-    lines.append("|---|---|---|---|---" + "|---" * len(layers) + "|")
-    cell = lambda r: (r["algorithm"], r["grow_init"], r["drop_schedule"], r["sparsity"])
-    for key in dict.fromkeys(cell(r) for r in rows):
-      sel = [r for r in rows if cell(r) == key]
-      med = [np.mean([r["median_active_abs_w"][k] for r in sel]) for k in layers]
-      cells = [_mean_std([r["test_accuracy"] for r in sel])] + [f"{m:.3g}" for m in med]
-      name, grow, schedule, s = key
-      lines.append(f"| {name} | {grow} | {schedule} | {100 * s:g}% | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-  if table == "sr_ste":
-    lines = ["| variant | test accuracy | exact 2:4 |", "|---|---|---|"]
-    for v in dict.fromkeys(r["variant"] for r in rows):
-      sel = [r for r in rows if r["variant"] == v]
-      nm = "yes" if all(r.get("nm_exact", True) for r in sel) else "no"
-      nm = nm if v != "dense" else "-"
-      lines.append(f"| {v} | {_mean_std([r['test_accuracy'] for r in sel])} | {nm} |")
-    return "\n".join(lines)
+def markdown_rescale(rows) -> str:
+  layers = list(rows[0]["std"])
+  lines = ["| sparsity | masks | " + " | ".join(f"std {k}" for k in layers) + " |"]
+  lines.append("|---|---" + "|---" * len(layers) + "|")
+  for r in rows:
+    cells = " | ".join(f"{r['std'][k]:.4f}" for k in layers)
+    lines.append(f"| {100 * r['sparsity']:g}% | {r['variant']} | {cells} |")
+  return "\n".join(lines)
+
+
+def markdown_at_init(rows) -> str:
+  sparsities = sorted({r["sparsity"] for r in rows})
+  lines = ["| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"]
+  lines.append("|---" * (len(sparsities) + 1) + "|")
+  for method in ("snip", "grasp", "synflow", "magnitude", "random"):
+    cells = []
+    for s in sparsities:
+      sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
+      if not sel:
+        cells.append("-")
+        continue
+      collapsed = sum(r["collapsed"] for r in sel)
+      cells.append(
+        _mean_std([r["test_accuracy"] for r in sel])
+        + (f" (collapsed {collapsed}/{len(sel)})" if collapsed else "")
+      )
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def markdown_regrowth(rows) -> str:
+  layers = list(rows[0]["median_active_abs_w"])
+  head = "| algorithm | grow_init | drop_schedule | sparsity | test accuracy | "
+  lines = [head + " | ".join(f"median active \\|w\\| {k}" for k in layers) + " |"]
+  lines.append("|---|---|---|---|---" + "|---" * len(layers) + "|")
+  cell = lambda r: (r["algorithm"], r["grow_init"], r["drop_schedule"], r["sparsity"])
+  for key in dict.fromkeys(cell(r) for r in rows):
+    sel = [r for r in rows if cell(r) == key]
+    med = [np.mean([r["median_active_abs_w"][k] for r in sel]) for k in layers]
+    cells = [_mean_std([r["test_accuracy"] for r in sel])] + [f"{m:.3g}" for m in med]
+    name, grow, schedule, s = key
+    lines.append(f"| {name} | {grow} | {schedule} | {100 * s:g}% | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def markdown_sr_ste(rows) -> str:
+  lines = ["| variant | test accuracy | exact 2:4 |", "|---|---|---|"]
+  for v in dict.fromkeys(r["variant"] for r in rows):
+    sel = [r for r in rows if r["variant"] == v]
+    nm = "yes" if all(r.get("nm_exact", True) for r in sel) else "no"
+    nm = nm if v != "dense" else "-"
+    lines.append(f"| {v} | {_mean_std([r['test_accuracy'] for r in sel])} | {nm} |")
+  return "\n".join(lines)
+
+
+def markdown_dst(rows) -> str:
   sparsities = sorted({r["sparsity"] for r in rows})
   lines = ["| algorithm | variant | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |"]
   lines.append("|---|---" + "|---" * len(sparsities) + "|")
@@ -436,6 +408,11 @@ def markdown(table, rows) -> str:
         cells.append(_mean_std([r["test_accuracy"] for r in sel]) if sel else "-")
       lines.append(f"| {name} | {v} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def markdown(table, rows) -> str:
+  """The markdown table of ``rows`` of table ``table``."""
+  return TABLES[table].markdown(rows)
 
 
 def plot_at_init(rows, path, title):
@@ -451,11 +428,11 @@ def plot_at_init(rows, path, title):
   return plots.finish_remaining_weights_plot(fig, ax, path, title)
 
 
-def plot_bars(table, rows, path, title):
+def plot_bars(rows, path, title):
   from experiments import plots  # matplotlib with the Agg backend
 
   plt = plots.plt
-  if table == "sr_ste":
+  if "algorithm" not in rows[0]:  # sr_ste: one bar per variant
     labels = list(dict.fromkeys(r["variant"] for r in rows))
     values = [np.mean([r["test_accuracy"] for r in rows if r["variant"] == v]) for v in labels]
   else:
@@ -477,40 +454,48 @@ def plot_bars(table, rows, path, title):
   return plots.save_figure(fig, path)
 
 
+class Table(NamedTuple):
+  """A table of this module: default ``--sparsities``, its runs, its markdown, its plot."""
+
+  sparsities: str
+  rows: Callable  # (config, sparsities, seeds, say) -> rows
+  markdown: Callable  # rows -> markdown text
+  plot: Callable | None  # (rows, path, title) -> path
+
+
+TABLES = {
+  "at_init": Table("0.9,0.99,0.999", table_at_init, markdown_at_init, plot_at_init),
+  "sr_ste": Table("", table_sr_ste, markdown_sr_ste, plot_bars),
+  "dst": Table("0.95,0.98", table_dst, markdown_dst, plot_bars),
+  "regrowth": Table("0.98", table_regrowth, markdown_regrowth, plot_bars),
+  "rescale": Table("0.95,0.98", table_rescale, markdown_rescale, None),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   say = lambda *a: print(*a, flush=True)
   try:
     flags, rest = _split(argv)
-    config = train.parse_config(rest)
-    train.check_config(config)
+    config = harness.parse_config(rest)
+    check_config(config)
     seeds = [int(s) for s in flags["seeds"].split(",") if s]
     table = flags["table"]
-    sparsities = [float(s) for s in (flags["sparsities"] or TABLES[table]).split(",") if s]
+    sparsities = [
+      float(s) for s in (flags["sparsities"] or TABLES[table].sparsities).split(",") if s
+    ]
     config = _fresh(config, config.seed)
     config.workdir = os.path.abspath(config.workdir)
-    if table == "at_init":
-      rows = table_at_init(config, sparsities, seeds, say)
-    elif table == "sr_ste":
-      rows = table_sr_ste(config, seeds, say)
-    elif table == "rescale":
-      rows = table_rescale(config, sparsities, seeds, say)
-    elif table == "regrowth":
-      rows = table_regrowth(config, sparsities, seeds, say)
-    else:
-      rows = table_dst(config, sparsities, seeds, say)
-  except (train.ConfigError, ValueError) as e:
+    rows = TABLES[table].rows(config, sparsities, seeds, say)
+  except (harness.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   text = markdown(table, rows)
   say(text)
   summary = {"table": table, "config": config.name, "steps": int(config.steps), "rows": rows}
-  if flags["plot"] and table != "rescale":
+  if flags["plot"] and TABLES[table].plot is not None:
     title = f"{config.name}: {table} ({int(config.steps)} steps)"
-    if table == "at_init":
-      summary["plot"] = plot_at_init(rows, flags["plot"], title)
-    else:
-      summary["plot"] = plot_bars(table, rows, flags["plot"], title)
+    summary["plot"] = TABLES[table].plot(rows, flags["plot"], title)
   say(json.dumps(summary))
   return 0
 

@@ -23,13 +23,12 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
-import jaxprune
+from experiments.harness.config import (  # noqa: F401  (keys derived from jaxprune)
+  ALGORITHM_KEYS,
+  NOT_ALGORITHM_CONFIG_KEYS,
+  create_kwargs,
+)
 
-# Keys of `jaxprune.create(config.algorithm, **kwargs)`: every key the library
-# accepts (`jaxprune.config_keys()`), less `seed` (the run's own seed, passed too)
-# and `masks` (arrays, for `fixed`; not a config value).
-NOT_ALGORITHM_CONFIG_KEYS = ("seed", "masks")
-ALGORITHM_KEYS = tuple(k for k in jaxprune.config_keys() if k not in NOT_ALGORITHM_CONFIG_KEYS)
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -109,23 +108,6 @@ def base_config(name: str) -> ml_collections.ConfigDict:
 def fraction_of_steps(config: ml_collections.ConfigDict, fraction: float):
   """A lazy int reference `int(fraction * config.steps)`; follows `steps`."""
   return (config.get_ref("steps") * float(fraction)).to_int()
-
-
-def create_kwargs(config: Any) -> dict:
-  """Keyword arguments of `jaxprune.create(config.algorithm, **kwargs)`.
-
-  The algorithm keys that are set (None placeholders are skipped, so the
-  library's defaults apply), plus `seed`.
-  """
-  kwargs = {k: config[k] for k in ALGORITHM_KEYS if config.get(k) is not None}
-  if isinstance(kwargs.get("grow_init"), str) and kwargs["grow_init"] not in ("zeros", "random"):
-    try:  # a float std given on the command line as a string
-      kwargs["grow_init"] = float(kwargs["grow_init"])
-    except ValueError:
-      pass  # jaxprune.create names the bad value
-  if config.get("seed") is not None:
-    kwargs["seed"] = int(config["seed"])
-  return kwargs
 
 
 def learning_rate_schedule(config: Any) -> optax.Schedule:
