@@ -548,7 +548,9 @@ def compaction_steps(algorithm: Algorithm, fractions: Sequence[float], total_ste
 
   Raises:
     ValueError: naming the fraction, for ``f <= 0`` (at or before the schedule
-      starts: nothing is pruned yet), ``f > 1`` (after it ends), or a step
+      starts: nothing is pruned yet), an ``f`` whose last update is the one at
+      ``start_step`` (which prunes nothing from ``initial_sparsity=0``),
+      ``f > 1`` (after it ends), or a step
       beyond ``total_steps``; and for an algorithm without ``end_step``.
   """
   cfg = algorithm.config
@@ -569,6 +571,12 @@ def compaction_steps(algorithm: Algorithm, fractions: Sequence[float], total_ste
       )
     t = t0 + f * (t1 - t0)
     last_update = t1 if t >= t1 else t0 + int((t - t0) // every) * every
+    if last_update == t0 and not cfg.get("initial_sparsity"):
+      raise ValueError(
+        f"compact_at={f} maps to the mask update at start_step={t0}, which prunes nothing "
+        f"yet (the schedule starts at initial_sparsity=0); the first update that prunes is "
+        f"at step {t0 + every} (compact_at >= {every / (t1 - t0):g})"
+      )
     step = int(last_update) + 1
     if step > total_steps:
       raise ValueError(

@@ -254,6 +254,9 @@ def test_compaction_steps_and_errors():
   assert shrink.compaction_steps(algo, [0.25, 0.5, 0.75, 1.0], 1000) == [201, 301, 401, 501]
   with pytest.raises(ValueError, match=r"compact_at=0.0 is at or before the pruning schedule"):
     shrink.compaction_steps(algo, [0.0, 0.5], 1000)
+  with pytest.raises(ValueError, match=r"compact_at=0.1 maps to the mask update at start_step=100"):
+    shrink.compaction_steps(algo, [0.1, 0.5], 1000)
+  assert shrink.compaction_steps(algo, [0.25], 1000) == [201]
   with pytest.raises(ValueError, match=r"compact_at=1.5 is after it ends"):
     shrink.compaction_steps(algo, [1.5], 1000)
   with pytest.raises(ValueError, match="beyond the 400 training steps"):
