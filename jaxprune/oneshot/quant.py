@@ -63,6 +63,10 @@ __all__ = [
 
 _FP16_MAX = 65504.0
 SCALE_RULES = ("ggml", "absmax")
+"""Values of ``QuantSpec.scale_rule``: ``"ggml"`` (ggml's own rules: int4 scale
+``m / -8`` with ``m`` the group's largest-magnitude weight, sign kept; int8
+``max|w| / 127``) and ``"absmax"`` (``max|w| / 7`` for int4, ``max|w| / 127``
+for int8)."""
 
 
 class QuantSpec(NamedTuple):
