@@ -166,14 +166,14 @@ class Unstructured(SparsityType):
     return topk_mask(scores, _count_to_keep(scores.size, sparsity) if keep is None else keep)
 
   def replace(self, mask, weights, grow_scores, drop_fraction, axis, regrow_dropped):
-    new, n_drop = replace_groups(
-      mask.reshape(-1),
-      _group_rank(weights, growth=False).reshape(-1),
-      _group_rank(grow_scores, growth=True).reshape(-1),
+    # In the leaf's own shape: a reshape of a sharded leaf would gather it.
+    return replace_groups(
+      mask,
+      _group_rank(weights, growth=False),
+      _group_rank(grow_scores, growth=True),
       drop_fraction,
       regrow_dropped,
     )
-    return new.reshape(mask.shape), n_drop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -683,7 +683,10 @@ def _group_rank(x, growth: bool, reduce=None, any_=None) -> jax.Array:
 
 
 def replace_groups(active, magnitude, growth, drop_fraction, regrow_dropped: bool = False):
-  """Drop-and-grow over whole groups (1-D arrays): the one SET/RigL selection rule.
+  """Drop-and-grow over whole groups: the one SET/RigL selection rule.
+
+  The arrays hold one value per group, in any shape (entries of a leaf in the
+  leaf's shape, or one per block or unit); ties go to the lower flat index.
 
   ``floor(d * n_active)`` active groups with the lowest ``magnitude`` are
   dropped and as many grown with the highest ``growth`` among the groups
