@@ -111,7 +111,7 @@ def _sample_keys(keys, stride: int) -> jax.Array:
   return jnp.concatenate(parts)
 
 
-def _sampled_bracket(keys, k, total: int, count):
+def _sampled_bracket(keys, k, total: int, count_both):
   """``(lo, c_lo, top, c_up, narrow)``: the k-th largest key lies in ``[lo, top]``,
   ``c_lo = count(key >= lo)`` and ``c_up = count(key >= top + 1)``; from the
   sample when its bounds check out (two counting passes), else ``lo = 0`` below
@@ -129,8 +129,7 @@ def _sampled_bracket(keys, k, total: int, count):
   lo_pos = jnp.ceil(q + margin).astype(jnp.int32)
   hi_key = desc[jnp.clip(hi_pos, 0, n_s - 1)]
   lo_key = desc[jnp.clip(lo_pos, 0, n_s - 1)]
-  c_lo_key = count(lambda i, key: key >= lo_key)
-  c_hi_key = count(lambda i, key: key >= hi_key)
+  c_lo_key, c_hi_key = count_both(lambda i, key: key >= lo_key, lambda i, key: key >= hi_key)
   lo_ok = (lo_pos < n_s) & (c_lo_key >= k)
   hi_ok = (hi_pos >= 0) & (c_hi_key < k) & (hi_key > 0)
   lo = jnp.where(lo_ok, lo_key, jnp.uint32(0))
@@ -146,6 +145,9 @@ def _sampled_bracket(keys, k, total: int, count):
 _PACKED_LIMIT = 2**16  # brackets holding fewer keys count two probes in one pass
 
 
+_MAX_UINT32_FLOAT = 4294967040.0  # the largest float32 below 2**32
+
+
 def _position(c_lo, c_up, k, shift):
   """Where in ``[lo, top]`` (a fraction of the range, from ``lo``) the counts
   interpolate the k-th largest key, moved by ``shift`` (a fraction)."""
@@ -154,10 +156,11 @@ def _position(c_lo, c_up, k, shift):
 
 
 def _key_at(lo, gap, frac):
-  """The key ``lo + ceil(frac * (gap + 1))``, clipped to ``[lo + 1, lo + gap]``."""
+  """The key ``lo + ceil(frac * (gap + 1))``, clipped to ``[lo + 1, lo + gap]``
+  (in uint32 before the addition, which cannot then wrap around)."""
   g = gap.astype(jnp.float32)
-  step = jnp.clip(jnp.ceil(frac * (g + 1.0)), 1.0, g).astype(jnp.uint32)
-  return jnp.clip(lo + step, lo + jnp.uint32(1), lo + gap)  # float rounding of large gaps
+  step = jnp.clip(jnp.ceil(frac * (g + 1.0)), 1.0, jnp.minimum(g, _MAX_UINT32_FLOAT))
+  return lo + jnp.clip(step.astype(jnp.uint32), jnp.uint32(1), gap)
 
 
 @jax.jit
@@ -170,13 +173,36 @@ def _topk_masks(scores, k):
   def count(pred_fn):
     return sum(jnp.sum(pred_fn(i, key), dtype=cdt) for i, key in enumerate(keys))
 
+  # Several counts in one pass: each predicate sets one bit field of a uint32
+  # word, the words are summed along each leaf's last axis (a row holds fewer
+  # entries than a field can count), and the row sums are unpacked and added.
+  # In the leaf's own shape: a reshape of a sharded leaf would gather it.
+  row = max(int(key.shape[-1]) if key.ndim else 1 for key in keys)
+
+  def packed_counts(preds, bits):
+    field = jnp.uint32(2**bits - 1)
+    counts = [jnp.zeros((), cdt) for _ in preds]
+    for i, key in enumerate(keys):
+      word = functools.reduce(
+        jnp.bitwise_or, [p(i, key).astype(jnp.uint32) << (bits * j) for j, p in enumerate(preds)]
+      )
+      rows = jnp.sum(word, axis=-1, dtype=jnp.uint32) if key.ndim else word
+      for j in range(len(preds)):
+        counts[j] = counts[j] + jnp.sum((rows >> (bits * j)) & field, dtype=cdt)
+    return counts
+
+  def count_both(pred_a, pred_b):
+    if row < 2**16:
+      return packed_counts([pred_a, pred_b], 16)
+    return count(pred_a), count(pred_b)
+
   # Search for the largest t with count(key >= t) >= k (the k-th largest key)
   # in the integer range [lo, top] that holds it, keeping count(key >= lo) =
   # c_lo >= k > c_up = count(key >= top + 1). It stops as soon as count(key >= t)
   # is exactly k: then ``key >= t`` is the selection (every key >= the k-th
   # largest, no tie to break), the same set the full search would give.
   if total >= _SAMPLE_MIN_TOTAL:
-    lo, c_lo, top, c_up, bracketed = _sampled_bracket(keys, k, total, count)
+    lo, c_lo, top, c_up, bracketed = _sampled_bracket(keys, k, total, count_both)
   else:  # count(key >= 0) = total
     lo, c_lo = jnp.uint32(0), jnp.asarray(total, cdt)
     top, c_up = jnp.uint32(0xFFFFFFFF), jnp.asarray(0, cdt)
@@ -186,7 +212,8 @@ def _topk_masks(scores, k):
     lo, top, c_lo, _, _ = carry
     return (lo < top) & (c_lo != k)
 
-  # Wide brackets (2**16 or more keys inside): one probe per counting pass,
+  # Rows of 2**16 entries or more (a long last axis) cannot count in a 16-bit
+  # field: while the bracket holds 2**16 keys or more, one probe per pass,
   # where the counts interpolate k, or the upper middle after a probe that did
   # not halve the range.
   def wide(carry):
@@ -204,41 +231,55 @@ def _topk_masks(scores, k):
     halved = bracketed & ((new_top - new_lo) <= (gap >> 1))
     return new_lo, new_top, jnp.where(take, c_mid, c_lo), jnp.where(take, c_up, c_mid), halved
 
-  # Narrow brackets: two probes per pass, their two in-bracket counts (each
-  # below 2**16) packed into one uint32 sum (a single-output reduction, which
-  # XLA:CPU vectorises). The probes sandwich the interpolated position of the
-  # k-th key, two binomial standard deviations either side, or split the range
-  # in thirds after a pass that did not shrink it threefold.
-  def two_probes(carry):
-    lo, top, c_lo, c_up, interpolate = carry
-    gap = top - lo  # >= 1
-    third = gap // jnp.uint32(3)
-    n_in = (c_lo - c_up).astype(jnp.float32)
-    f = (c_lo - k).astype(jnp.float32) / jnp.maximum(n_in, 1.0)
-    spread = (2.0 * jnp.sqrt(n_in * f * (1.0 - f)) + 1.0) / jnp.maximum(n_in, 1.0)
-    t1 = jnp.where(interpolate, _key_at(lo, gap, _position(c_lo, c_up, k, -spread)), lo + third + 1)
-    t2 = jnp.where(interpolate, _key_at(lo, gap, _position(c_lo, c_up, k, spread)), top - third)
-    t2 = jnp.maximum(t1, t2)
+  # Several probes per pass, their counts packed into one uint32 word per
+  # entry (a single-output reduction, which XLA:CPU vectorises; a multi-output
+  # one it does not; see packed_counts): 2 probes of 16 bits, 4 of 8 bits once
+  # the bracket holds fewer than 2**8 keys, 8 of 4 bits below 2**4, each pass
+  # at about the cost of one count. The probes spread evenly over the
+  # interpolated position of the k-th key, two binomial standard deviations
+  # either side, or split the range evenly after a pass that did not shrink it
+  # by the factor P + 1.
+  def probes(n_probes):
+    bits = 32 // n_probes
 
-    def packed(i, key):
-      inside = key <= top
-      low = (inside & (key >= t1)).astype(jnp.uint32)
-      high = (inside & (key >= t2)).astype(jnp.uint32)
-      return low | (high << 16)
+    def body(carry):
+      lo, top, c_lo, c_up, interpolate = carry
+      gap = top - lo  # >= 1
+      n_in = (c_lo - c_up).astype(jnp.float32)
+      f = (c_lo - k).astype(jnp.float32) / jnp.maximum(n_in, 1.0)
+      spread = (2.0 * jnp.sqrt(n_in * f * (1.0 - f)) + 1.0) / jnp.maximum(n_in, 1.0)
+      ts = []
+      for i in range(n_probes):
+        near = f - spread + 2.0 * spread * (i / (n_probes - 1))
+        even = (i + 1) / (n_probes + 1)
+        ts.append(_key_at(lo, gap, jnp.where(interpolate, near, even)))
 
-    both = sum(jnp.sum(packed(i, key), dtype=jnp.uint32) for i, key in enumerate(keys))
-    c1 = c_up + (both & jnp.uint32(0xFFFF)).astype(cdt)
-    c2 = c_up + (both >> 16).astype(cdt)
-    above2, above1 = c2 >= k, c1 >= k
-    new_lo = jnp.where(above2, t2, jnp.where(above1, t1, lo))
-    new_c_lo = jnp.where(above2, c2, jnp.where(above1, c1, c_lo))
-    new_top = jnp.where(above2, top, jnp.where(above1, t2 - 1, t1 - 1))
-    new_c_up = jnp.where(above2, c_up, jnp.where(above1, c2, c1))
-    shrunk = (new_top - new_lo) <= third
-    return new_lo, new_top, new_c_lo, new_c_up, shrunk
+      def probe(t):
+        return lambda i, key: (key <= top) & (key >= t)
 
-  carry = lax.while_loop(wide, one_probe, (lo, top, c_lo, c_up, bracketed))
-  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, two_probes, carry)
+      cs = [c_up + c for c in packed_counts([probe(t) for t in ts], bits)]
+      # Counts fall as probes rise: the new bracket lies between the last
+      # probe that still counts k and the next one.
+      n_above = sum((c >= k).astype(jnp.int32) for c in cs)
+      ts, cs = jnp.stack(ts), jnp.stack(cs)
+      new_lo = jnp.concatenate([lo[None], ts])[n_above]
+      new_c_lo = jnp.concatenate([c_lo[None], cs])[n_above]
+      new_top = jnp.concatenate([ts - jnp.uint32(1), top[None]])[n_above]
+      new_c_up = jnp.concatenate([cs, c_up[None]])[n_above]
+      shrunk = (new_top - new_lo) <= gap // jnp.uint32(n_probes + 1)
+      return new_lo, new_top, new_c_lo, new_c_up, shrunk
+
+    return body
+
+  def holding_at_least(bound):
+    return lambda carry: unresolved(carry) & (carry[2] - carry[3] >= bound)
+
+  carry = (lo, top, c_lo, c_up, bracketed)
+  if row >= 2**16:  # a row's count may not fit a 16-bit field
+    carry = lax.while_loop(wide, one_probe, carry)
+  carry = lax.while_loop(holding_at_least(2**8), probes(2), carry)
+  carry = lax.while_loop(holding_at_least(2**4), probes(4), carry)
+  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, probes(8), carry)
 
   offsets = [0]
   for key in keys[:-1]:

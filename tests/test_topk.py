@@ -210,9 +210,10 @@ def test_sampled_bracket_bounds_hold_the_kth_key():
   x = np.abs(_large_scores("normal", 3))  # magnitudes, as pruning ranks them
   keys = [topk._sortable(jnp.asarray(x))]
   count = lambda pred: sum(jnp.sum(pred(i, key), dtype=jnp.float32) for i, key in enumerate(keys))
+  count_both = lambda a, b: (count(a), count(b))
   flat = np.sort(np.asarray(keys[0]).reshape(-1))[::-1]
   for k in (1, 7_710, 38_550, 77_099):
-    lo, c_lo, top, c_up, _ = topk._sampled_bracket(keys, jnp.float32(k), x.size, count)
+    lo, c_lo, top, c_up, _ = topk._sampled_bracket(keys, jnp.float32(k), x.size, count_both)
     kth = flat[k - 1]
     assert int(lo) <= kth <= int(top)
     assert int(c_lo) == int((flat >= int(lo)).sum()) >= k
@@ -228,7 +229,7 @@ def test_sampled_bracket_bounds_hold_the_kth_key():
   k_frac=st.floats(0.0, 1.0),
   seed=st.integers(0, 2**16),
 )
-def test_two_probe_passes_at_the_packed_count_limit(n, levels, k_frac, seed):
+def test_packed_probe_passes_at_the_16_bit_count_limit(n, levels, k_frac, seed):
   """Brackets of just under 2**16 keys pack two full 16-bit counts into one sum;
   65,536 entries and more take the sampled bracket and single probes first.
   Continuous scores, few levels (whole tie groups inside the bracket) or many."""
@@ -237,6 +238,27 @@ def test_two_probe_passes_at_the_packed_count_limit(n, levels, k_frac, seed):
   if levels:
     x = rng.integers(0, levels, size=n).astype(np.float32)
   k = int(round(k_frac * n))
+  m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
+  assert m.sum() == k
+  np.testing.assert_array_equal(m, _reference_topk(x, k))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  n=st.sampled_from([1, 2, 15, 16, 17, 255, 256, 257, 1000]),
+  levels=st.sampled_from([0, 1, 2, 5]),
+  k=st.integers(0, 1000),
+  seed=st.integers(0, 2**16),
+)
+def test_packed_probe_passes_at_the_8_and_4_bit_count_limits(n, levels, k, seed):
+  """Brackets below 2**8 keys count four probes of 8 bits per pass, below 2**4
+  eight probes of 4 bits: inputs of exactly 255 and 15 entries fill a field,
+  256 and 16 take the wider passes first; ties and a single level included."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=n).astype(np.float32)
+  if levels:
+    x = rng.integers(0, levels, size=n).astype(np.float32)
+  k = min(k, n)
   m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
   assert m.sum() == k
   np.testing.assert_array_equal(m, _reference_topk(x, k))
