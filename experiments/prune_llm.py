@@ -293,30 +293,18 @@ def run(args, log=print) -> dict:
     log(f"removed blocks {removed}")
 
   masks, quants = None, {}
+  what = (cfg, params, calib, args.method, args.sparsity, args.sparsity_type)
+  quiet_log = (lambda s: None) if args.quiet else log
   if args.quant != "none":
     params, masks, quants = compress(
-      cfg,
-      params,
-      calib,
-      args.method,
-      args.sparsity,
-      args.sparsity_type,
+      *what,
       quant=args.quant,
       quantizer=args.quantizer,
       scale_rule=args.scale_rule,
-      log=(lambda s: None) if args.quiet else log,
+      log=quiet_log,
     )
   elif args.method != "dense":
-    params, masks = prune(
-      cfg,
-      params,
-      calib,
-      args.method,
-      args.sparsity,
-      args.sparsity_type,
-      args.single_pass,
-      log=(lambda s: None) if args.quiet else log,
-    )
+    params, masks = prune(*what, args.single_pass, log=quiet_log)
   jax.block_until_ready(params)
   prune_s = time.perf_counter() - t0
 
