@@ -1,3 +1,12 @@
+"""Shared fixtures and hypothesis profiles for the whole suite.
+
+The layout mirrors the code: tests/jaxprune/ (with algorithms/ and oneshot/) for the library,
+tests/experiments/ (with configs/, harness/ and llm/) for the experiment scripts, tests/docs/
+for the documentation. Test directories have no __init__.py (pytest's default import mode),
+so every test file's basename is unique across the tree; ``helpers`` imports from any
+directory because this file's directory is on sys.path.
+"""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")

@@ -11,7 +11,7 @@ import jaxprune
 from experiments import harness
 from experiments.harness import cache, config, steps
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 CONFIG = os.path.join(REPO, "experiments", "configs", "fmnist_mlp.py")
 NOT_CONFIG_VALUES = ("seed", "masks")  # the run's own seed; arrays (fixed)
 

@@ -1,17 +1,15 @@
-"""Tests for N:M, block and neuron/channel masks and the structure regularisers."""
+"""Tests for N:M, block and neuron/channel masks (jaxprune.structured)."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
-from jaxprune import regularizers as R
 from jaxprune import structured as S
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -274,92 +272,6 @@ def test_bad_sparsity_value():
     S.structured_mask(jnp.ones((4, 4)), 1.5, "neuron")
   with pytest.raises(ValueError, match="sparsity is required"):
     S.structured_mask(jnp.ones((4, 4)), None, "block:2x2")
-
-
-# ---------------------------------------------------------------------------
-# regularisers
-
-
-def _params():
-  rng = np.random.default_rng(0)
-  return {
-    "Dense_0": {
-      "kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
-      "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
-    },
-    "Dense_1": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.zeros(3)},
-  }
-
-
-def test_penalties_values():
-  p = _params()
-  k0, k1 = np.asarray(p["Dense_0"]["kernel"]), np.asarray(p["Dense_1"]["kernel"])
-  np.testing.assert_allclose(R.l1_penalty(p), np.abs(k0).sum() + np.abs(k1).sum(), rtol=1e-6)
-  np.testing.assert_allclose(R.l1_penalty(p, include="Dense_1"), np.abs(k1).sum(), rtol=1e-6)
-  gl = np.linalg.norm(k0, axis=0).sum() + np.linalg.norm(k1, axis=0).sum()
-  np.testing.assert_allclose(R.group_lasso_penalty(p), gl, rtol=1e-6)
-  np.testing.assert_allclose(
-    R.group_lasso_penalty(p, include=lambda path, x: path == "Dense_0/kernel"),
-    np.linalg.norm(k0, axis=0).sum(),
-    rtol=1e-6,
-  )
-
-
-def test_group_lasso_gradient_finite_at_zero_unit():
-  p = _params()
-  p["Dense_0"]["kernel"] = p["Dense_0"]["kernel"].at[:, 1].set(0.0)
-  g = jax.grad(R.group_lasso_penalty)(p)
-  gk = np.asarray(g["Dense_0"]["kernel"])
-  assert np.all(np.isfinite(gk)) and np.all(gk[:, 1] == 0)
-  k = np.asarray(p["Dense_0"]["kernel"])
-  np.testing.assert_allclose(gk[:, 0], k[:, 0] / np.linalg.norm(k[:, 0]), rtol=1e-5)
-
-
-def test_prox_l1_soft_threshold():
-  p = _params()
-  tx = optax.chain(optax.sgd(0.1), R.prox_l1(0.3))
-  state = tx.init(p)
-  g = jax.tree.map(jnp.ones_like, p)
-  upd, state = tx.update(g, state, p)
-  new = optax.apply_updates(p, upd)
-  v = np.asarray(p["Dense_0"]["kernel"]) - 0.1
-  want = np.sign(v) * np.maximum(np.abs(v) - 0.3, 0)
-  np.testing.assert_allclose(new["Dense_0"]["kernel"], want, atol=1e-6)
-  assert np.sum(np.asarray(new["Dense_0"]["kernel"]) == 0) == np.sum(np.abs(v) <= 0.3) > 0
-  # Biases (1-D) are not selected by default: plain SGD step.
-  np.testing.assert_allclose(new["Dense_0"]["bias"], p["Dense_0"]["bias"] - 0.1, atol=1e-6)
-  with pytest.raises(ValueError, match="params"):
-    tx.update(g, state)
-
-
-def test_prox_group_lasso_zeroes_whole_units_and_compacts():
-  p = _params()
-  k = np.asarray(p["Dense_0"]["kernel"])
-  norms = np.linalg.norm(k, axis=0)
-  t = float(np.sort(norms)[1]) + 1e-4  # the two weakest units fall below t
-  tx = R.prox_group_lasso(lambda step: t * (step + 1), include="Dense_0/kernel")
-  state = tx.init(p)
-  zero = jax.tree.map(jnp.zeros_like, p)
-  upd, state = jax.jit(tx.update)(zero, state, p)
-  new = optax.apply_updates(p, upd)
-  nk = np.asarray(new["Dense_0"]["kernel"])
-  dead = norms <= t
-  assert dead.sum() == 2 and np.all(nk[:, dead] == 0)
-  np.testing.assert_allclose(nk[:, ~dead], k[:, ~dead] * (1 - t / norms[~dead]), rtol=1e-5)
-  np.testing.assert_array_equal(new["Dense_1"]["kernel"], p["Dense_1"]["kernel"])
-  assert int(state.count) == 1
-  # Zeroed units are found without masks and removed.
-  from jaxprune.compact import compact
-
-  out = compact(new)
-  assert out.widths == [2, 3]
-  x = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
-
-  def mlp(q, x):
-    h = jax.nn.relu(x @ q["Dense_0"]["kernel"] + q["Dense_0"]["bias"])
-    return h @ q["Dense_1"]["kernel"] + q["Dense_1"]["bias"]
-
-  np.testing.assert_allclose(mlp(out.params, x), mlp(new, x), atol=1e-5)
 
 
 def test_nan_units_and_blocks_rank_lowest():

@@ -9,7 +9,7 @@ import sys
 
 import griffe
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import mkdocs_hooks  # noqa: E402
 

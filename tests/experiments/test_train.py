@@ -20,7 +20,7 @@ import pytest
 import jaxprune
 from experiments import checkpoint, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG = os.path.join(REPO, "experiments", "configs", "fmnist_mlp.py")
 # A 784-32-10 MLP on the digits with RigL: mask updates at steps 10 and 20.
 TINY = [

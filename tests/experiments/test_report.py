@@ -8,7 +8,7 @@ import pytest
 
 from experiments import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 import mkdocs_hooks  # noqa: E402
 

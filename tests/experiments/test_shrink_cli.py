@@ -13,7 +13,7 @@ from experiments import checkpoint as ckpt
 from experiments import sharding as shd
 from experiments import shrink, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONFIG = os.path.join(REPO, "experiments", "configs", "fmnist_cnn.py")
 # A 4-8-16-10 CNN, 40 steps; pruning 4..24 every 5 steps, compactions after 15 and 25.
 TINY = [

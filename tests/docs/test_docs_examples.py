@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MARKER = re.compile(r"^<!--\s*test:\s*(\S+)\s*-->$")
 MARKS = ("slow", "skip")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
