@@ -4,11 +4,13 @@
     python -m experiments.compact_cnn --steps 1000 --sparsity 0.75 --workdir /tmp/cc
 
 1. Trains the CNN of `experiments/configs/fmnist_cnn.py` (Conv 3x3 -> BatchNorm ->
-   ReLU -> max-pool, twice, then Dense 128 and Dense 10) with Adam wrapped by
-   `jaxprune.sparsify` around `gradual_magnitude` at `sparsity_type="channel"`:
-   whole output channels of both convs and whole units of the hidden Dense are
-   pruned by L2 norm on the cubic schedule of Zhu & Gupta (2017); the output layer
-   is left whole. BatchNorm statistics are updated in the training step.
+   ReLU -> max-pool, twice, then Dense 128 and Dense 10) with `experiments.harness.run`
+   (the config's Adam and cosine learning rate, its data order and loop), sparse through
+   `gradual_magnitude` at `sparsity_type="channel"`: whole output channels of both
+   convs and whole units of the hidden Dense are pruned by L2 norm on the cubic
+   schedule of Zhu & Gupta (2017); the output layer is left whole. The training run
+   lives in `<workdir>/train` (checkpoints, metrics): rerunning the same command
+   resumes it, a different one is refused (use another `--workdir`).
 2. Evaluates the masked full-size model on the test set.
 3. Calls `jaxprune.compact.compact(params, masks, batch_stats)` to remove the pruned
    channels and units, rebuilds the CNN with the returned widths, checks that it
@@ -22,11 +24,10 @@ BatchNorm and SAME padding. A pruned channel's conv output is 0, but BatchNorm
 turns it into the constant `relu(offset - mean * scale / sqrt(var + eps))`. Feeding
 a SAME-padded conv, a non-zero constant channel cannot be folded into the next
 layer (the zero padding breaks it at the borders), so `compact` would keep it.
-The training step therefore zeroes the BatchNorm scale and offset of every pruned
-channel (as network slimming prunes a channel together with its BatchNorm scale,
-Liu et al. 2017): the channel then outputs exactly 0 and is removed. The masks
-handed to `compact` and to the checkpoint writer carry the same per-channel masks
-for those BatchNorm parameters.
+The algorithm is therefore wrapped in `jaxprune.shrink.tie_units`, which prunes the
+BatchNorm scale and offset (and a bias) of every pruned channel with it (as network
+slimming prunes a channel together with its BatchNorm scale, Liu et al. 2017): the
+channel then outputs exactly 0 and is removed.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -43,12 +43,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jaxprune
-from experiments import configs, data, models
+from experiments import configs, data, harness, models
 from experiments.harness import steps
+from experiments.harness.config import check_config, create_algorithm
 from experiments.harness.inputs import in_memory
+from jaxprune import shrink
 from jaxprune.compact import compact
 from jaxprune.export import load_compressed, save_compressed
 
@@ -56,68 +57,6 @@ from jaxprune.export import load_compressed, save_compressed
 INCLUDE = r"^(Conv_\d+|Dense_0)/kernel$"
 CHECK_BATCH = 256
 ATOL = 1e-4
-
-
-# --------------------------------------------------------------- BatchNorm ties
-
-
-def _batchnorm_of(conv: str) -> str | None:
-  m = re.fullmatch(r"Conv_(\d+)", conv)
-  return f"BatchNorm_{m.group(1)}" if m else None
-
-
-def channel_keep(masks) -> dict[str, jax.Array]:
-  """`{conv name: bool vector of its live output channels}` for pruned convs."""
-  out = {}
-  for name, leaves in masks.items():
-    bn = _batchnorm_of(name)
-    kernel = leaves.get("kernel") if bn else None
-    if kernel is not None and jnp.ndim(kernel) > 0:
-      out[name] = jnp.any(kernel.reshape(-1, kernel.shape[-1]), axis=0)
-  return out
-
-
-def tie_batchnorm(params, masks):
-  """Zeroes the BatchNorm scale and offset of every pruned conv channel."""
-  params = dict(params)
-  for conv, keep in channel_keep(masks).items():
-    bn = _batchnorm_of(conv)
-    params[bn] = {k: jnp.where(keep, v, jnp.zeros((), v.dtype)) for k, v in params[bn].items()}
-  return params
-
-
-def with_batchnorm_masks(masks):
-  """`masks` with per-channel masks for the BatchNorm scale/offset of pruned convs."""
-  masks = dict(masks)
-  for conv, keep in channel_keep(masks).items():
-    bn = _batchnorm_of(conv)
-    masks[bn] = {k: keep for k in masks[bn]}
-  return masks
-
-
-# ----------------------------------------------------------------------- training
-
-
-def make_train_step(model, tx):
-  @jax.jit
-  def train_step(params, batch_stats, opt_state, batch):
-    def loss_fn(p):
-      logits, updated = model.apply(
-        steps.variables(p, batch_stats),
-        batch["image"],
-        train=True,
-        mutable=["batch_stats"],
-      )
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-      return loss, updated["batch_stats"]
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    params = tie_batchnorm(params, jaxprune.get_masks(opt_state))
-    return params, batch_stats, opt_state, loss
-
-  return train_step
 
 
 def make_predict(model):
@@ -230,47 +169,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def train_config(args: argparse.Namespace):
+  """The fmnist_cnn config of the training run: `gradual_magnitude` over channels
+  (an update every `steps / 20` steps from 10% to 60% of the steps)."""
+  config = configs.get_config("fmnist_cnn")
+  steps_ = int(args.steps)
+  start_step, end_step = steps_ // 10, max(1, int(0.6 * steps_))
+  config.dataset = args.dataset
+  config.data_dir = args.data_dir
+  config.seed = int(args.seed)
+  config.steps = steps_
+  config.batch_size = int(args.batch_size)
+  config.learning_rate = float(args.learning_rate)
+  config.eval_every = steps_
+  config.log_every = max(1, steps_ // 5)
+  config.checkpoint_every = steps_
+  config.workdir = os.path.join(args.workdir, "train")
+  config.algorithm = "gradual_magnitude"
+  config.sparsity = float(args.sparsity)
+  config.sparsity_type = "channel"
+  config.include = INCLUDE
+  config.distribution = None  # the library default (uniform), not the config's RigL values
+  config.drop_fraction = None
+  config.start_step = min(start_step, end_step)
+  config.end_step = end_step
+  config.update_every = max(1, steps_ // 20)
+  return config
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   t_start = time.perf_counter()
-  config = configs.get_config("fmnist_cnn")
-  config.dataset = args.dataset
+  config = train_config(args)
+  check_config(config)
   model = models.get_model(config)
   input_shape = data.input_shape(config)
-  train_source = in_memory(data.load(config, "train", args.data_dir))
+
+  # 1. Train with channel pruning (BatchNorm and biases tied to their channels).
+  algorithm = shrink.tie_units(create_algorithm(config))
+  state, trained = harness.run(config, algorithm=algorithm)
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  masks = jax.device_get(jaxprune.get_masks(state.opt_state))
   test_source = in_memory(data.load(config, "test", args.data_dir), args.eval_examples)
-  print(
-    f"data: {train_source.origin}; train {len(train_source)}, test {len(test_source)} examples",
-    flush=True,
-  )
-
-  # 1. Train with channel pruning.
-  variables = models.init_variables(model, jax.random.key(args.seed), input_shape)
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  start_step, end_step = args.steps // 10, max(1, int(0.6 * args.steps))
-  algo = jaxprune.create(
-    "gradual_magnitude",
-    sparsity=args.sparsity,
-    sparsity_type="channel",
-    include=INCLUDE,
-    start_step=min(start_step, end_step),
-    end_step=end_step,
-    update_every=max(1, args.steps // 20),
-  )
-  schedule = optax.cosine_decay_schedule(args.learning_rate, args.steps)
-  tx = jaxprune.sparsify(optax.adam(schedule), algo)
-  opt_state = tx.init(params)
-  train_step = make_train_step(model, tx)
-  batches = data.Batches(train_source, args.batch_size, seed=args.seed, train=True)
-  t0 = time.perf_counter()
-  for step in range(args.steps):
-    params, batch_stats, opt_state, loss = train_step(
-      params, batch_stats, opt_state, batches.batch_at(step)
-    )
-    if (step + 1) % max(1, args.steps // 5) == 0 or step + 1 == args.steps:
-      print(f"step {step + 1:5d}  loss {float(loss):.4f}", flush=True)
-  train_seconds = time.perf_counter() - t0
-
-  masks = with_batchnorm_masks(jaxprune.get_masks(opt_state))
   masked_params = jaxprune.apply_masks(params, masks)
   big_vars = steps.variables(masked_params, batch_stats)
 
@@ -331,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   assert bool(jnp.all(predict_small(restored, x_check) == predict_small(small_vars, x_check)))
 
   result = {
-    "dataset": train_source.dataset,  # the data actually read (digits when it fell back)
+    "dataset": trained["dataset"],  # the data actually read (digits when it fell back)
     "steps": args.steps,
     "sparsity": args.sparsity,
     "widths_before": widths_before,
@@ -354,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     "speedup_batch_256": latency[256]["masked"] / latency[256]["compact"],
     "checkpoint_bytes": ckpt,
     "notes": out.notes,
-    "train_seconds": round(train_seconds, 1),
+    "train_seconds": round(trained["wall_s"], 1),
     "total_seconds": round(time.perf_counter() - t_start, 1),
   }
   print_table(result)

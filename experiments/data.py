@@ -82,6 +82,13 @@ def _build_hint(tfds_name: str) -> str:
   return f"tfds build {tfds_name.split(':')[0]} --data_dir={{data_dir}} --file_format=array_record"
 
 
+def _cifar(name: str, num_classes: int, mean, std) -> DatasetSpec:
+  """A CIFAR spec: 32x32 RGB, the "cifar" augmentation, its per-channel statistics."""
+  return DatasetSpec(
+    name, name, num_classes, (32, 32, 3), "cifar", mean=mean, std=std, prepare=_build_hint(name)
+  )
+
+
 SPECS: dict[str, DatasetSpec] = {
   "fashion_mnist": DatasetSpec(
     "fashion_mnist",
@@ -94,26 +101,8 @@ SPECS: dict[str, DatasetSpec] = {
     ),
   ),
   "digits": DatasetSpec("digits", None, 10, (28, 28, 1)),
-  "cifar10": DatasetSpec(
-    "cifar10",
-    "cifar10",
-    10,
-    (32, 32, 3),
-    "cifar",
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    prepare=_build_hint("cifar10"),
-  ),
-  "cifar100": DatasetSpec(
-    "cifar100",
-    "cifar100",
-    100,
-    (32, 32, 3),
-    "cifar",
-    mean=(0.5071, 0.4865, 0.4409),
-    std=(0.2673, 0.2564, 0.2762),
-    prepare=_build_hint("cifar100"),
-  ),
+  "cifar10": _cifar("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  "cifar100": _cifar("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
   "imagenet2012": DatasetSpec(
     "imagenet2012",
     "imagenet2012",

@@ -126,8 +126,8 @@ class WideResNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
-class BasicBlock(nn.Module):
-  """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+class ResNetBlock(nn.Module):
+  """The fields of a ResNet block; `parts()` gives its conv and last BN scale init."""
 
   filters: int
   strides: int
@@ -135,10 +135,20 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
+  def parts(self):
+    """`(conv, last_scale)`: bias-free He-initialised convs; the last BatchNorm's
+    scale init (zeros with `zero_init_residual`, Goyal et al. 2017)."""
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    return conv, last_scale
+
+
+class BasicBlock(ResNetBlock):
+  """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+
+  @nn.compact
+  def __call__(self, x):
+    conv, last_scale = self.parts()
     y = conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
     y = conv(self.filters, (3, 3))(y)
@@ -149,19 +159,12 @@ class BasicBlock(nn.Module):
     return nn.relu(x + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(ResNetBlock):
   """ResNet bottleneck: 1x1, 3x3 (strided), 1x1 (x4 expansion) plus shortcut."""
-
-  filters: int
-  strides: int
-  norm: ModuleDef
-  zero_init_residual: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    conv, last_scale = self.parts()
     y = nn.relu(self.norm()(conv(self.filters, (1, 1))(x)))
     y = conv(self.filters, (3, 3), (self.strides, self.strides))(y)
     y = nn.relu(self.norm()(y))

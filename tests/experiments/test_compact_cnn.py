@@ -51,6 +51,12 @@ def test_compacted_cnn_matches_masked_cnn_and_is_smaller(tmp_path, capsys):
   assert ckpt["compact_int8"] < ckpt["compact"] < ckpt["masked"] < ckpt["dense"]
   assert (tmp_path / "compact.jxp").stat().st_size == ckpt["compact"]
 
+  # The training ran through the harness: its result and metrics are in <workdir>/train.
+  trained = json.loads((tmp_path / "train" / "result.json").read_text())
+  assert trained["algorithm"] == "gradual_magnitude" and trained["steps"] == 20
+  assert trained["dataset"] == result["dataset"] == "digits"
+  assert (tmp_path / "train" / "metrics.jsonl").read_text().count("\n") >= 5
+
 
 def test_gradual_channel_pruning_never_revives_a_pruned_channel():
   # Masked entries score -inf; a unit holding them must rank lowest, not highest.
