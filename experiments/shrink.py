@@ -1,14 +1,18 @@
 """Shrink while training, against dense training of the same model, side by side.
 
     python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
-        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--seed=0] [--config.KEY=VALUE ...]
+        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale]
+        [--seed=0] [--config.KEY=VALUE ...]
 
 Two runs of the config's model, optimizer, learning-rate schedule, data order
 and number of steps, with the same seed:
 
 - dense: the plain model (`jaxprune.create("dense")`);
-- shrink: gradual neuron/channel pruning by magnitude to `--target` of the
-  units of every hidden layer (the output layer is kept whole) on the cubic
+- shrink: gradual neuron/channel pruning to `--target` of the units of every
+  hidden layer, ranked by the L2 norm of their kernel (`--score=magnitude`, the
+  default) or, in a layer followed by a BatchNorm, by the absolute BatchNorm
+  scale (`--score=bn_scale`, network slimming's criterion; BatchNorm makes the
+  kernel's scale irrelevant to the function) (the output layer is kept whole) on the cubic
   schedule of Zhu & Gupta (2017) from `--schedule` (fractions of the steps,
   default 10% to 60% as in the fmnist_mlp recipe), a mask update every
   `update_every` steps (the config's, default 100). Each unit's bias and
@@ -96,8 +100,23 @@ def resized(model, widths: Sequence[int]):
   )
 
 
-def shrink_algorithm(config, params, target: float, schedule: Sequence[float], sparsity_type: str):
-  """Tied gradual magnitude pruning of every hidden layer's units."""
+SCORES = ("magnitude", "bn_scale")
+
+
+def shrink_algorithm(
+  config,
+  params,
+  target: float,
+  schedule: Sequence[float],
+  sparsity_type: str,
+  score: str = "magnitude",
+):
+  """Tied gradual pruning of every hidden layer's units, ranked by the L2 norm of
+  their kernel (`score="magnitude"`) or, for a layer followed by a BatchNorm, by
+  the absolute BatchNorm scale (`"bn_scale"`, network slimming, Liu et al. 2017;
+  `jaxprune.shrink.score_by_batchnorm_scale`)."""
+  if score not in SCORES:
+    raise ValueError(f"--score={score!r}: expected one of {', '.join(SCORES)}")
   steps = int(config.steps)
   start, end = (int(round(f * steps)) for f in schedule)
   layers = hidden_layers(params)
@@ -111,7 +130,9 @@ def shrink_algorithm(config, params, target: float, schedule: Sequence[float], s
     end_step=end,
     update_every=int(config.update_every or 100),
   )
-  return shrink.tie_units(algo)
+  if score == "bn_scale":
+    algo = shrink.score_by_batchnorm_scale(algo)
+  return shrink.tie_units(algo)._replace(config={**algo.config, "score": score})
 
 
 def forward_flops(model, params, batch_stats, input_shape) -> int:
@@ -225,7 +246,15 @@ class Run:
 
   def _recipe(self) -> dict:
     """What defines the shrink run beyond the config (checked on resume)."""
-    keys = ("sparsity", "sparsity_type", "include", "start_step", "end_step", "update_every")
+    keys = (
+      "sparsity",
+      "sparsity_type",
+      "include",
+      "start_step",
+      "end_step",
+      "update_every",
+      "score",
+    )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
       "algorithm": {k: cfg.get(k) for k in keys},
@@ -246,6 +275,8 @@ class Run:
     meta = self.checkpointer.read_meta(step)
     ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
     saved = meta.get("shrink", {})
+    if "algorithm" in saved:  # checkpoints from before --score ranked by magnitude
+      saved["algorithm"] = {"score": "magnitude", **saved["algorithm"]}
     recipe = self._recipe()
     for key in recipe:
       if saved.get(key) != recipe[key]:
@@ -414,6 +445,12 @@ def parse_args(argv: Sequence[str]):
     help="start,end of pruning as fractions of the steps",
   )
   p.add_argument("--sparsity_type", default="channel", choices=("channel", "neuron"))
+  p.add_argument(
+    "--score",
+    default="magnitude",
+    choices=SCORES,
+    help="unit ranking: kernel L2 norm, or |BatchNorm scale| where a BatchNorm follows",
+  )
   p.add_argument("--seed", type=int, default=None, help="overrides config.seed")
   p.add_argument("--chunk", type=int, default=100, help="steps per turn of the interleaving")
   p.add_argument("--rounds", type=int, default=20, help="inference latency rounds")
@@ -453,7 +490,7 @@ def run(args, config, out=None) -> dict:
   )
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   algorithm = shrink_algorithm(
-    config, variables["params"], args.target, args.schedule, args.sparsity_type
+    config, variables["params"], args.target, args.schedule, args.sparsity_type, args.score
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -514,6 +551,7 @@ def run(args, config, out=None) -> dict:
     "steps": steps,
     "target": args.target,
     "sparsity_type": args.sparsity_type,
+    "score": args.score,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source),

@@ -12,6 +12,9 @@ with smaller arrays, computing what the masked full-size model computes:
   removed unit then outputs exactly 0 in training mode (batch statistics) and in
   inference mode (running averages) alike, so removing it needs no folding of
   constants into the next layer and works before SAME-padded convolutions.
+* :func:`score_by_batchnorm_scale` ranks the units of a layer followed by a
+  BatchNorm by the absolute BatchNorm scale (network slimming's criterion)
+  instead of the kernel's norm, which BatchNorm makes meaningless.
 * :func:`compact_state` removes the pruned units from params, BatchNorm
   statistics and the optimizer state -- every leaf of an optimizer-state
   sub-tree shaped like the params (Adam's moments, momentum traces, the masks of
@@ -54,6 +57,8 @@ __all__ = [
   "UnitIndex",
   "Shrunk",
   "tie_units",
+  "batchnorm_scale_scores",
+  "score_by_batchnorm_scale",
   "identity_index",
   "index_from_kept",
   "compact_state",
@@ -300,6 +305,56 @@ def tie_units(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> A
   def update(step, params, grads, masks, state):
     masks, state = algorithm.update(step, params, grads, masks, state)
     return tie_masks(params, masks, layers), state
+
+  return algorithm._replace(init=init, update=update)
+
+
+def batchnorm_scale_scores(params, layers: Optional[Sequence[str]] = None):
+  """``params`` with each unit of a BatchNorm-followed kernel rescaled to norm |scale|.
+
+  BatchNorm makes a layer's function independent of the scale of each of its
+  kernel's units (output channels): multiplying a unit's weights by ``a > 0``
+  multiplies its batch mean and standard deviation by ``a`` too, so the kernel's
+  magnitude says nothing about the unit's importance. Network slimming (Liu et
+  al. 2017, "Learning Efficient Convolutional Networks through Network
+  Slimming") ranks channels by the absolute BatchNorm scale ``|gamma|``
+  instead. The returned tree, meant only for scoring, holds every such kernel
+  with unit ``c`` scaled to L2 norm ``|gamma_c|`` (a zero unit stays zero), so
+  the unit norms that neuron/channel magnitude pruning ranks are the ``|gamma|``
+  of the network-slimming criterion. Layers without a BatchNorm (or without a
+  scale) keep their kernels.
+  """
+  params = _to_dict(params)
+  for lin, bn in _chain(params, layers):
+    scale = _get(params, f"{bn}/scale") if bn is not None else None
+    if scale is None:
+      continue
+    kernel = _get(params, f"{lin}/kernel")
+    other = tuple(range(jnp.ndim(kernel) - 1))
+    norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=other))
+    factor = jnp.abs(scale.astype(jnp.float32)) / jnp.where(norm > 0, norm, 1.0)
+    params = _replace(params, f"{lin}/kernel", (kernel * factor).astype(kernel.dtype))
+  return params
+
+
+def score_by_batchnorm_scale(
+  algorithm: Algorithm, layers: Optional[Sequence[str]] = None
+) -> Algorithm:
+  """``algorithm`` deciding its masks on :func:`batchnorm_scale_scores` of the params.
+
+  For a neuron/channel magnitude algorithm (e.g. ``gradual_magnitude`` with
+  ``sparsity_type="channel"``) this ranks the units of every Conv/Dense layer
+  followed by a BatchNorm by ``|gamma|`` (network slimming, Liu et al. 2017) and
+  the other layers' units by their kernel's L2 norm as before. Only the scores
+  change: the params, gradients, schedule and keep counts are the algorithm's.
+  Compose it inside :func:`tie_units`: ``tie_units(score_by_batchnorm_scale(a))``.
+  """
+
+  def init(params):
+    return algorithm.init(batchnorm_scale_scores(params, layers))
+
+  def update(step, params, grads, masks, state):
+    return algorithm.update(step, batchnorm_scale_scores(params, layers), grads, masks, state)
 
   return algorithm._replace(init=init, update=update)
 

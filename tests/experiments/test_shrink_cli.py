@@ -66,6 +66,7 @@ def test_cli_prints_json_and_shrinks(capsys):
   assert code == 0, out.err[-3000:]
   result = json.loads(out.out.strip().splitlines()[-1])
   assert KEYS <= set(result)
+  assert result["score"] == "magnitude"
   assert [c["step"] for c in result["compactions"]] == [15, 25]
   assert result["widths_before"] == [4, 8, 16]
   # 75% of the units of every hidden layer are gone: 4 - 3, 8 - 6, 16 - 12.
@@ -144,7 +145,7 @@ MULTI = r"""
 import jax, numpy as np
 from experiments import shrink, train
 from experiments import sharding as shd
-from tests.test_shrink_cli import TINY, _setup
+from tests.experiments.test_shrink_cli import TINY, _setup
 assert jax.device_count() == 8
 config, _, source, algo, steps = _setup(TINY)
 runs = {}

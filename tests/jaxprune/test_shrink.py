@@ -261,3 +261,65 @@ def test_compaction_steps_and_errors():
     shrink.compaction_steps(algo, [1.5], 1000)
   with pytest.raises(ValueError, match="beyond the 400 training steps"):
     shrink.compaction_steps(algo, [1.0], 400)
+
+
+def _cnn_params(rng, channels, hidden=8, classes=3):
+  """Random params of `_cnn(channels, hidden)` on 8x8x1 inputs, without tracing."""
+  c0, c1 = channels
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return {
+    "Conv_0": {"kernel": normal(3, 3, 1, c0), "bias": normal(c0)},
+    "BatchNorm_0": {"scale": normal(c0), "bias": normal(c0)},
+    "Conv_1": {"kernel": normal(3, 3, c0, c1), "bias": normal(c1)},
+    "BatchNorm_1": {"scale": normal(c1), "bias": normal(c1)},
+    "Dense_0": {"kernel": normal(2 * 2 * c1, hidden), "bias": normal(hidden)},
+    "Dense_1": {"kernel": normal(hidden, classes), "bias": normal(classes)},
+  }
+
+
+@given(
+  seed=st.integers(0, 2**16),
+  channels=st.sampled_from([(2, 3), (5, 4), (8, 9)]),
+  sparsity=st.sampled_from([0.25, 0.5, 0.75]),
+)
+def test_batchnorm_scale_scores_keep_the_largest_gammas_whatever_the_kernel_scale(
+  seed, channels, sparsity
+):
+  # BatchNorm makes a conv's function independent of each channel's kernel scale;
+  # the network-slimming ranking must be too: it keeps exactly the channels with the
+  # largest |gamma| (ties to the lower index), the hidden Dense (no BatchNorm) by norm.
+  rng = np.random.default_rng(seed)
+  params = _cnn_params(rng, channels)
+  for i, c in enumerate(channels):
+    params[f"BatchNorm_{i}"]["scale"] = jnp.asarray(rng.permutation(c) - c / 2 + 0.25)
+    params[f"Conv_{i}"]["kernel"] *= jnp.asarray(rng.uniform(0.01, 100.0, c), jnp.float32)
+  algo = shrink.tie_units(
+    shrink.score_by_batchnorm_scale(
+      jaxprune.create("magnitude", sparsity=sparsity, sparsity_type="channel", include=HIDDEN)
+    )
+  )
+  masks, _ = algo.init(params)
+  masks, _ = algo.update(0, params, params, masks, ())
+  for i, c in enumerate(channels):
+    kept = np.asarray(masks[f"Conv_{i}"]["kernel"]).reshape(-1, c).any(axis=0)
+    gamma = np.abs(np.asarray(params[f"BatchNorm_{i}"]["scale"]))
+    expected = np.zeros(c, bool)
+    expected[np.argsort(-gamma, kind="stable")[: c - int(np.floor(sparsity * c))]] = True
+    np.testing.assert_array_equal(kept, expected, err_msg=f"Conv_{i}")
+    np.testing.assert_array_equal(np.asarray(masks[f"BatchNorm_{i}"]["scale"]), expected)
+  dense = np.asarray(params["Dense_0"]["kernel"])
+  h = dense.shape[1]
+  expected = np.zeros(h, bool)
+  expected[
+    np.argsort(-np.sqrt((dense**2).sum(0)), kind="stable")[: h - int(np.floor(sparsity * h))]
+  ] = True
+  np.testing.assert_array_equal(np.asarray(masks["Dense_0"]["kernel"]).any(axis=0), expected)
+
+
+def test_batchnorm_scale_scores_leave_layers_without_batchnorm_alone():
+  params = models.init_variables(_cnn(), jax.random.PRNGKey(0), (8, 8, 1))["params"]
+  scored = shrink.batchnorm_scale_scores(params)
+  for name in ("Dense_0", "Dense_1"):
+    np.testing.assert_array_equal(scored[name]["kernel"], params[name]["kernel"])
+  unit_norms = np.sqrt((np.asarray(scored["Conv_1"]["kernel"]) ** 2).reshape(-1, 6).sum(0))
+  np.testing.assert_allclose(unit_norms, np.abs(params["BatchNorm_1"]["scale"]), rtol=1e-5)
