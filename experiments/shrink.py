@@ -43,7 +43,11 @@ Checkpoints (with `--workdir`): the shrink run saves its state every
 units of every layer, so a rerun rebuilds the compacted shapes, restores and
 continues bit-identically (the dense run is not checkpointed).
 
-The last line printed is one JSON object with the figures.
+The last line printed is one JSON object with the figures. With `--skip_dense`
+only the shrink run trains (for a variant whose dense run of the same seed and
+config is already known: it is deterministic on CPU); the dense figures
+(`dense_accuracy`, `dense_wall_s`, `speedup_wall`, ...) are then null and the
+size, FLOPs and inference figures compare with the untrained dense model.
 """
 
 from __future__ import annotations
@@ -455,6 +459,11 @@ def parse_args(argv: Sequence[str]):
   p.add_argument("--chunk", type=int, default=100, help="steps per turn of the interleaving")
   p.add_argument("--rounds", type=int, default=20, help="inference latency rounds")
   p.add_argument("--workdir", default=None, help="checkpoint (and resume) the shrink run here")
+  p.add_argument(
+    "--skip_dense",
+    action="store_true",
+    help="train only the shrink run (dense figures null; compare with an earlier run of the seed)",
+  )
   p.add_argument("--stop_at", type=int, default=None, help=argparse.SUPPRESS)
   args, rest = p.parse_known_args(argv[1:])
   unknown = [a for a in rest if not a.startswith("--config")]
@@ -517,8 +526,9 @@ def run(args, config, out=None) -> dict:
     f"{steps} steps, seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
   )
   try:
-    runs = [Run("dense", config, mesh, train_source)] if args.stop_at is None else []
-    runs.append(Run("shrink", config, mesh, train_source, algorithm, compact_steps, checkpointer))
+    dense = Run("dense", config, mesh, train_source) if args.stop_at is None else None
+    small = Run("shrink", config, mesh, train_source, algorithm, compact_steps, checkpointer)
+    runs = [small] if dense is None or args.skip_dense else [dense, small]
     for i, lo in enumerate(range(0, steps, args.chunk)):
       hi = min(lo + args.chunk, steps)
       for r in runs if i % 2 == 0 else runs[::-1]:
@@ -535,13 +545,15 @@ def run(args, config, out=None) -> dict:
   finally:
     if checkpointer is not None:
       checkpointer.close()
-  dense, small = runs
+  trained = dense is not None and not args.skip_dense  # else: dense only gives shapes
   for c in small.compactions:
     say(
       f"[shrink] compaction after step {c['step']}: widths {c['widths']}, compact {c['compact_s']} s, compile {c['compile_s']} s"
     )
   last = small.compactions[-1]["step"] if small.compactions else steps
   tail_dense, tail_shrink = dense.step_seconds(last, steps), small.step_seconds(last, steps)
+  if not trained:
+    tail_dense = None
   latency = inference_speedup(dense, small, args.rounds)
   dense_flops = dense.training_flops()
   result = {
@@ -554,15 +566,17 @@ def run(args, config, out=None) -> dict:
     "score": args.score,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
-    "dense_accuracy": evaluate(dense, test_source),
+    "dense_accuracy": evaluate(dense, test_source) if trained else None,
     "shrink_accuracy": evaluate(small, test_source),
-    "dense_wall_s": round(dense.wall_s, 3),
+    "dense_wall_s": round(dense.wall_s, 3) if trained else None,
     "shrink_wall_s": round(small.wall_s, 3),
-    "speedup_wall": dense.wall_s / small.wall_s,
-    "dense_compile_s": round(dense.compile_s, 3),
+    "speedup_wall": dense.wall_s / small.wall_s if trained else None,
+    "dense_compile_s": round(dense.compile_s, 3) if trained else None,
     "shrink_compile_s": round(small.compile_s, 3),
     "compactions": small.compactions,
-    "speedup_after_last_compaction": tail_dense / tail_shrink if tail_shrink > 0 else None,
+    "speedup_after_last_compaction": tail_dense / tail_shrink
+    if tail_dense and tail_shrink
+    else None,
     "ideal_speedup_flops": dense_flops / small.training_flops(),
     "final_params_ratio": count(small.state.params) / count(dense.state.params),
     "final_flops_ratio": forward_flops(
@@ -579,6 +593,7 @@ def run(args, config, out=None) -> dict:
     ],
     "devices": jax.device_count(),
     "chunk": args.chunk,
+    "skip_dense": bool(args.skip_dense),
   }
   say(json.dumps(result))
   return result

@@ -75,6 +75,18 @@ def test_cli_prints_json_and_shrinks(capsys):
   assert result["compactions"][-1]["masks_dropped"] is True
 
 
+def test_cli_skip_dense_trains_only_the_shrink_run_with_bn_scale_scores(capsys):
+  code, out = _main(capsys, *TINY, "--chunk=10", "--rounds=1", "--skip_dense", "--score=bn_scale")
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["score"] == "bn_scale" and result["skip_dense"] is True
+  for key in ("dense_accuracy", "dense_wall_s", "speedup_wall", "speedup_after_last_compaction"):
+    assert result[key] is None, key
+  assert 0.0 <= result["shrink_accuracy"] <= 1.0
+  assert result["widths_after"] == [1, 2, 4] and result["final_params_ratio"] < 0.5
+  assert "dense" not in out.out.split("[shrink] step 40:")[1].splitlines()[0]
+
+
 def test_cli_rejects_compaction_before_the_schedule(capsys):
   code, out = _main(capsys, *TINY, "--compact_at=0.0,0.5")
   assert code == 2
