@@ -286,6 +286,69 @@ def lottery(runs: Sequence[dict]) -> str:
   return _table(["round", "remaining", "ticket", "reinit", "random mask"], out)
 
 
+# ------------------------------------------------------------------ shrink
+
+
+def _spread(values, fmt: str = "{:.2f}") -> str:
+  """``median [min, max]`` (the value alone for one run)."""
+  v = sorted(values)
+  if len(v) == 1:
+    return fmt.format(v[0])
+  return f"{fmt.format(float(np.median(v)))} [{fmt.format(v[0])}, {fmt.format(v[-1])}]"
+
+
+SHRINK_VARIANTS = {
+  "magnitude": ("shrink/fmnist_cnn_c75.jsonl", "kernel L2 norm (default)"),
+  "bn_scale": (
+    "shrink/fmnist_cnn_c75_bn_scale.jsonl",
+    "\\|BatchNorm scale\\| (`--score=bn_scale`)",
+  ),
+}
+
+
+def shrink_cnn() -> str:
+  """fmnist_cnn at 75% channels, one row per unit score, medians [min, max] over
+  seeds. A `--skip_dense` run is paired with the dense run of its seed in the
+  default variant's file (deterministic on CPU: same seed, data order, steps)."""
+  dense = {r["seed"]: r for r in _jsonl(SHRINK_VARIANTS["magnitude"][0])}
+  out = []
+  for name, label in SHRINK_VARIANTS.values():
+    if not os.path.exists(os.path.join(RESULTS, name)):
+      continue
+    rows = _jsonl(name)
+    acc = [100 * r["shrink_accuracy"] for r in rows]
+    diff = [100 * (r["shrink_accuracy"] - dense[r["seed"]]["dense_accuracy"]) for r in rows]
+    timed = [r for r in rows if r["speedup_wall"] is not None]
+    speed = _spread([r["speedup_wall"] for r in timed]) if timed else "not timed"
+    tail = [r["speedup_after_last_compaction"] for r in timed]
+    out.append(
+      [
+        label,
+        ", ".join(str(r["seed"]) for r in rows),
+        _spread(acc),
+        _spread(diff, "{:+.2f}"),
+        speed,
+        _spread(tail) if tail else "-",
+        _spread([r["shrink_compile_s"] for r in rows], "{:.1f}"),
+        _spread([r["ideal_speedup_flops"] for r in rows]),
+        _spread([r["inference_speedup"] for r in rows]),
+      ]
+    )
+  dense_acc = _spread([100 * r["dense_accuracy"] for r in dense.values()])
+  head = [
+    f"unit score (dense: {dense_acc} %)",
+    "seeds",
+    "shrink acc (%)",
+    "vs dense (points)",
+    "speedup_wall",
+    "step speedup after last compaction",
+    "shrink compile s",
+    "ideal (FLOPs)",
+    "inference speedup",
+  ]
+  return _table(head, out)
+
+
 # ------------------------------------------------------------------ tables
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -304,6 +367,7 @@ TABLES: dict[str, Callable[[], str]] = {
   "regrowth": lambda: regrowth("toolbox_regrowth_fmnist_mlp.json"),
   "sr-ste-mlp": lambda: sr_ste("toolbox_sr_ste_fmnist_mlp.json"),
   "sr-ste-cnn": lambda: sr_ste("toolbox_sr_ste_fmnist_cnn.json"),
+  "shrink-cnn": shrink_cnn,
 }
 
 
