@@ -47,7 +47,7 @@ import numpy as np
 import jaxprune
 from experiments import configs, data, harness, models
 from experiments.harness import steps
-from experiments.harness.config import check_config, create_algorithm
+from experiments.harness.config import create_algorithm
 from experiments.harness.inputs import in_memory
 from jaxprune import shrink
 from jaxprune.compact import compact
@@ -200,7 +200,6 @@ def train_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> dict[str, Any]:
   t_start = time.perf_counter()
   config = train_config(args)
-  check_config(config)
   model = models.get_model(config)
   input_shape = data.input_shape(config)
 

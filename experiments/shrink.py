@@ -9,12 +9,12 @@ and number of steps, with the same seed:
 
 - dense: the plain model (`jaxprune.create("dense")`);
 - shrink: gradual neuron/channel pruning to `--target` of the units of every
-  hidden layer, ranked by the L2 norm of their kernel (`--score=magnitude`, the
-  default) or, in a layer followed by a BatchNorm, by the absolute BatchNorm
-  scale (`--score=bn_scale`, network slimming's criterion; BatchNorm makes the
-  kernel's scale irrelevant to the function) (the output layer is kept whole) on the cubic
-  schedule of Zhu & Gupta (2017) from `--schedule` (fractions of the steps,
-  default 10% to 60% as in the fmnist_mlp recipe), a mask update every
+  hidden layer (the output layer is kept whole), ranked by the L2 norm of their
+  kernel (`--score=magnitude`, the default) or, in a layer followed by a
+  BatchNorm, by the absolute BatchNorm scale (`--score=bn_scale`, network
+  slimming's criterion; BatchNorm makes the kernel's scale irrelevant to the
+  function), on the cubic schedule of Zhu & Gupta (2017) from `--schedule`
+  (fractions of the steps, default 10% to 60% as in the fmnist_mlp recipe), a mask update every
   `update_every` steps (the config's, default 100). Each unit's bias and
   BatchNorm parameters are pruned with it (`jaxprune.shrink.tie_units`). After
   the mask updates at the `--compact_at` fractions of the schedule the run
@@ -551,9 +551,8 @@ def run(args, config, out=None) -> dict:
       f"[shrink] compaction after step {c['step']}: widths {c['widths']}, compact {c['compact_s']} s, compile {c['compile_s']} s"
     )
   last = small.compactions[-1]["step"] if small.compactions else steps
-  tail_dense, tail_shrink = dense.step_seconds(last, steps), small.step_seconds(last, steps)
-  if not trained:
-    tail_dense = None
+  tail_dense = dense.step_seconds(last, steps) if trained else None
+  tail_shrink = small.step_seconds(last, steps)
   latency = inference_speedup(dense, small, args.rounds)
   dense_flops = dense.training_flops()
   result = {
