@@ -13,21 +13,30 @@ across several leaves selected jointly, earlier leaves (in tree-flattening
 order) win.
 
 The k-th largest score is found by a search over an order-preserving integer
-image (uint32) of the float32 scores, each step a fused compare-and-sum pass that
-XLA shards like any reduction (no sort of the data); it stops as soon as a
-threshold separates exactly k entries. For large inputs a sampled bracket
-narrows the range first (:func:`_sampled_bracket`): a fixed, spread-out sample
-of ``SAMPLE_SIZE`` keys is sorted, the keys just above and below the sample
-quantile of ``k`` become candidate bounds, and two counting passes check them
-(a bound that fails falls back to 0 below, or to the largest key above), so the
-result is exact whatever the sample. While the range holds ``2**16`` keys or
-more, a pass counts one probe (interpolated from the counts, or the middle);
-below that, a pass counts two probes at once, their two in-bracket counts packed
-into one uint32 sum (a single-output reduction, which XLA:CPU vectorises, unlike
-a multi-output one): the probes sandwich the interpolated position of the k-th
-key, or cut the range in thirds after a pass that did not shrink it threefold.
-Counts are float32 sums, exact while a count stays below 2**24, else int32.
-NaN scores rank lowest, below -inf.
+image (uint32) of the float32 scores: no sort of the data, only counting
+passes that XLA shards like any reduction. Every pass counts ``count(key >= t)``
+for :data:`PROBES` thresholds at once: each entry sets one 8-bit field per
+threshold in a uint32 word, the words are summed over groups of at most 16
+entries along one axis of the leaf (a field cannot overflow; an axis split in
+the leaf's own layout, so a sharded leaf is not gathered), and the group sums
+are unpacked and added. On XLA:CPU such a pass costs less than one plain
+``sum(key >= t)``: the grouped sum is a vectorised loop, the full reduction
+then runs over 16 times fewer words.
+
+The search keeps a bracket ``[lo, top]`` that holds the k-th largest key,
+with ``count(key >= lo) >= k > count(key > top)``, and stops as soon as a
+threshold separates exactly k entries. For large inputs the first pass takes
+its thresholds from a fixed, spread-out sample of ``SAMPLE_SIZE`` keys (sorted):
+the sample quantiles around the k-th, four binomial standard deviations
+either side. Later passes place the thresholds around the position of the
+k-th key interpolated from the counts (two binomial standard deviations
+either side), or split the bracket evenly after a pass that did not shrink it
+by the factor ``PROBES + 1``. Whatever the sample, the counts are exact, so the
+result is. Ties at the k-th key are broken by index in two steps: one pass
+counts the tied entries of every row (last axis), a bisection over these
+counts finds the row where the ``k``-th falls, and that row alone is bisected
+by column. Counts are float32 sums, exact while a count
+stays below 2**24, else int32. NaN scores rank lowest, below -inf.
 """
 
 from __future__ import annotations
@@ -90,9 +99,18 @@ def topk_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
   return _topk_masks(list(scores), jnp.asarray(k, jnp.int32))
 
 
-SAMPLE_SIZE = 4096  # keys sampled for the bracket (inputs below 16 x this are bisected directly)
+SAMPLE_SIZE = (
+  4096  # keys sampled for the first pass (inputs below 16 x this start from the full range)
+)
 _SAMPLE_MIN_TOTAL = 16 * SAMPLE_SIZE
-_MARGIN_SIGMAS = 4.0  # bracket half-width around the sample quantile, in binomial std devs
+_MARGIN_SIGMAS = (
+  4.0  # the sampled thresholds' reach around the sample quantile, in binomial std devs
+)
+PROBES = 4  # thresholds counted in one pass
+_FIELD_BITS = 32 // PROBES  # one count field of the packed word
+_GROUP = 16  # at most this many words summed before the fields are unpacked (< 2**_FIELD_BITS)
+_MAX_KEY = 0xFFFFFFFF
+_MAX_UINT32_FLOAT = 4294967040.0  # the largest float32 below 2**32
 
 
 def _sample_keys(keys, stride: int) -> jax.Array:
@@ -111,48 +129,36 @@ def _sample_keys(keys, stride: int) -> jax.Array:
   return jnp.concatenate(parts)
 
 
-def _sampled_bracket(keys, k, total: int, count_both):
-  """``(lo, c_lo, top, c_up, narrow)``: the k-th largest key lies in ``[lo, top]``,
-  ``c_lo = count(key >= lo)`` and ``c_up = count(key >= top + 1)``; from the
-  sample when its bounds check out (two counting passes), else ``lo = 0`` below
-  and the largest key above (one more pass); ``narrow``: the lower bound came
-  from the sample."""
-  stride = max(1, total // SAMPLE_SIZE)
-  sample = _sample_keys(keys, stride)
-  n_s = int(sample.size)
-  desc = jnp.sort(sample)[::-1]
-  kf = k.astype(jnp.float32)
-  p = kf / float(total)
-  q = kf / float(stride)  # the k-th largest's expected position in the sample
-  margin = _MARGIN_SIGMAS * jnp.sqrt(n_s * p * (1.0 - p)) + 2.0
-  hi_pos = jnp.floor(q - margin).astype(jnp.int32)
-  lo_pos = jnp.ceil(q + margin).astype(jnp.int32)
-  hi_key = desc[jnp.clip(hi_pos, 0, n_s - 1)]
-  lo_key = desc[jnp.clip(lo_pos, 0, n_s - 1)]
-  c_lo_key, c_hi_key = count_both(lambda i, key: key >= lo_key, lambda i, key: key >= hi_key)
-  lo_ok = (lo_pos < n_s) & (c_lo_key >= k)
-  hi_ok = (hi_pos >= 0) & (c_hi_key < k) & (hi_key > 0)
-  lo = jnp.where(lo_ok, lo_key, jnp.uint32(0))
-  c_lo = jnp.where(lo_ok, c_lo_key, jnp.asarray(total, c_lo_key.dtype))
-  # Above the sample (small k): the largest key bounds the range, with nothing above it.
-  top = lax.cond(
-    hi_ok, lambda: hi_key - jnp.uint32(1), lambda: functools.reduce(jnp.maximum, map(jnp.max, keys))
-  )
-  c_up = jnp.where(hi_ok, c_hi_key, jnp.zeros((), c_hi_key.dtype))
-  return lo, c_lo, top, c_up, lo_ok
+def _grouping(shape) -> tuple[int, int]:
+  """``(axis, g)``: the first summation stage adds ``g`` consecutive entries
+  along ``axis`` (the largest divisor of an axis length up to :data:`_GROUP`;
+  the leading axes first, as jaxprune shards parameters along the last)."""
+  best = (0, 1)
+  for axis in [*range(len(shape) - 1), len(shape) - 1]:
+    g = max(d for d in range(1, _GROUP + 1) if shape[axis] % d == 0)
+    if g > best[1]:
+      best = (axis, g)
+  return best
 
 
-_PACKED_LIMIT = 2**16  # brackets holding fewer keys count two probes in one pass
-
-
-_MAX_UINT32_FLOAT = 4294967040.0  # the largest float32 below 2**32
-
-
-def _position(c_lo, c_up, k, shift):
-  """Where in ``[lo, top]`` (a fraction of the range, from ``lo``) the counts
-  interpolate the k-th largest key, moved by ``shift`` (a fraction)."""
-  n_in = jnp.maximum((c_lo - c_up).astype(jnp.float32), 1.0)
-  return (c_lo - k).astype(jnp.float32) / n_in + shift
+def _packed_counts(keys, thresholds, cdt) -> jax.Array:
+  """``count(key >= t)`` jointly over ``keys`` for every ``t`` of ``thresholds``
+  (at most :data:`PROBES`), in one pass over the data."""
+  field = jnp.uint32(2**_FIELD_BITS - 1)
+  counts = jnp.zeros((len(thresholds),), cdt)
+  for key in keys:
+    word = functools.reduce(
+      jnp.bitwise_or,
+      [(key >= t).astype(jnp.uint32) << (_FIELD_BITS * j) for j, t in enumerate(thresholds)],
+    )
+    axis, g = _grouping(key.shape)
+    if g > 1:
+      s = key.shape
+      grouped = s[:axis] + (s[axis] // g, g) + s[axis + 1 :]
+      word = jnp.sum(word.reshape(grouped), axis=axis + 1, dtype=jnp.uint32)
+    fields = jnp.stack([(word >> (_FIELD_BITS * j)) & field for j in range(len(thresholds))])
+    counts = counts + jnp.sum(fields, axis=tuple(range(1, fields.ndim)), dtype=cdt)
+  return counts
 
 
 def _key_at(lo, gap, frac):
@@ -163,148 +169,148 @@ def _key_at(lo, gap, frac):
   return lo + jnp.clip(step.astype(jnp.uint32), jnp.uint32(1), gap)
 
 
+def _spread(center, sigma):
+  """:data:`PROBES` evenly spaced positions over ``center +- sigma``, ascending."""
+  return [center - sigma + 2.0 * sigma * (i / (PROBES - 1)) for i in range(PROBES)]
+
+
+def _sample_thresholds(keys, k, total: int):
+  """Thresholds of the first pass: sample quantiles around the k-th largest
+  key's expected position in a sorted sample, ascending."""
+  stride = max(1, total // SAMPLE_SIZE)
+  sample = _sample_keys(keys, stride)
+  n_s = int(sample.size)
+  desc = jnp.sort(sample)[::-1]
+  kf = k.astype(jnp.float32)
+  p = kf / float(total)
+  q = kf / float(stride)  # the k-th largest's expected position in the sample
+  margin = _MARGIN_SIGMAS * jnp.sqrt(n_s * p * (1.0 - p)) + 2.0
+  positions = _spread(q, margin)[::-1]  # lower keys sit further down the sample
+  return [desc[jnp.clip(jnp.round(x), 0, n_s - 1).astype(jnp.int32)] for x in positions]
+
+
+def _narrow(keys, carry, thresholds, k, cdt):
+  """Counts the ascending ``thresholds`` in one pass; the new bracket lies
+  between the last threshold that still counts k and the next one."""
+  lo, top, c_lo, c_up = carry
+  cs = _packed_counts(keys, thresholds, cdt)  # falling as the thresholds rise
+  ts = jnp.stack(thresholds)
+  n_at_least = jnp.sum(cs >= k, dtype=jnp.int32)
+  return (
+    jnp.concatenate([lo[None], ts])[n_at_least],
+    jnp.concatenate([ts - jnp.uint32(1), top[None]])[n_at_least],
+    jnp.concatenate([c_lo[None], cs])[n_at_least],
+    jnp.concatenate([cs, c_up[None]])[n_at_least],
+  )
+
+
+def _rows(shape) -> int:
+  return math.prod(shape[:-1])
+
+
+def _break_ties(keys, thresh, need, cdt):
+  """Every key above ``thresh`` and, of those equal to it, the ``need`` first
+  in flat order (leaf by leaf). One pass counts each row's ties; the row that
+  holds the ``need``-th is found by bisection over the row counts and then
+  bisected by column alone. Only reductions: no cumulative sum or dynamic
+  slice over an axis that may be sharded, so nothing is gathered."""
+  eqs = [key == thresh for key in keys]
+  row_ids, offset = [], 0
+  for key in keys:
+    row_ids.append(_flat_index(key.shape[:-1], offset))
+    offset += _rows(key.shape)
+  per_row = [jnp.sum(eq, axis=-1, dtype=cdt) for eq in eqs]
+
+  def ties_before(r):  # tied entries in the rows before row r
+    return sum(jnp.sum(jnp.where(ids < r, n, 0), dtype=cdt) for ids, n in zip(row_ids, per_row))
+
+  def row_step(bit, r):  # the largest r with ties_before(r) < need: the need-th tie's row
+    cand = r | (1 << (offset.bit_length() - 1 - bit))
+    return jnp.where((cand < offset) & (ties_before(cand) < need), cand, r)
+
+  b = lax.fori_loop(0, offset.bit_length(), row_step, jnp.int32(0))
+  need_in_row = need - ties_before(b)
+  width = max(int(key.shape[-1]) for key in keys)
+  row = functools.reduce(  # the ties of row b, over the columns
+    jnp.logical_or,
+    [
+      jnp.pad(
+        jnp.any(eq & (ids == b)[..., None], axis=tuple(range(eq.ndim - 1))),
+        (0, width - eq.shape[-1]),
+      )
+      for eq, ids in zip(eqs, row_ids)
+    ],
+  )
+  col = lax.broadcasted_iota(jnp.int32, (width,), 0)
+
+  def col_step(bit, j):  # the largest j with count(row & col < j) < need_in_row
+    cand = j | (1 << (width.bit_length() - 1 - bit))
+    below = jnp.sum(row & (col < cand), dtype=cdt)
+    return jnp.where((cand <= width) & (below < need_in_row), cand, j)
+
+  last = lax.fori_loop(0, width.bit_length(), col_step, jnp.int32(0))  # the need-th tie's column
+  masks = []
+  for key, eq, ids in zip(keys, eqs, row_ids):
+    col_id = lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+    chosen = (ids[..., None] < b) | ((ids[..., None] == b) & (col_id <= last))
+    masks.append((key > thresh) | (eq & chosen))
+  return masks
+
+
 @jax.jit
 def _topk_masks(scores, k):
-  keys = [_sortable(s) for s in scores]
-  total = sum(int(s.size) for s in keys)
+  shapes = [jnp.shape(s) for s in scores]
+  keys = [_sortable(s).reshape(s.shape or (1,)) for s in map(jnp.asarray, scores) if s.size]
+  total = sum(int(key.size) for key in keys)
+  if total == 0:
+    return [jnp.zeros(shape, bool) for shape in shapes]
   cdt = _count_dtype(total)
   k = jnp.clip(jnp.asarray(k), 0, total).astype(cdt)
 
-  def count(pred_fn):
-    return sum(jnp.sum(pred_fn(i, key), dtype=cdt) for i, key in enumerate(keys))
-
-  # Several counts in one pass: each predicate sets one bit field of a uint32
-  # word, the words are summed along each leaf's last axis (a row holds fewer
-  # entries than a field can count), and the row sums are unpacked and added.
-  # In the leaf's own shape: a reshape of a sharded leaf would gather it.
-  row = max(int(key.shape[-1]) if key.ndim else 1 for key in keys)
-
-  def packed_counts(preds, bits):
-    field = jnp.uint32(2**bits - 1)
-    counts = [jnp.zeros((), cdt) for _ in preds]
-    for i, key in enumerate(keys):
-      word = functools.reduce(
-        jnp.bitwise_or, [p(i, key).astype(jnp.uint32) << (bits * j) for j, p in enumerate(preds)]
-      )
-      rows = jnp.sum(word, axis=-1, dtype=jnp.uint32) if key.ndim else word
-      for j in range(len(preds)):
-        counts[j] = counts[j] + jnp.sum((rows >> (bits * j)) & field, dtype=cdt)
-    return counts
-
-  def count_both(pred_a, pred_b):
-    if row < 2**16:
-      return packed_counts([pred_a, pred_b], 16)
-    return count(pred_a), count(pred_b)
-
-  # Search for the largest t with count(key >= t) >= k (the k-th largest key)
-  # in the integer range [lo, top] that holds it, keeping count(key >= lo) =
-  # c_lo >= k > c_up = count(key >= top + 1). It stops as soon as count(key >= t)
-  # is exactly k: then ``key >= t`` is the selection (every key >= the k-th
-  # largest, no tie to break), the same set the full search would give.
+  # The bracket [lo, top] holds the k-th largest key: c_lo = count(key >= lo)
+  # >= k > c_up = count(key > top). The search stops as soon as count(key >= t)
+  # is exactly k (then ``key >= t`` is the selection, the same set the full
+  # search would give) or the bracket holds a single key value (ties to break).
+  carry = (jnp.uint32(0), jnp.uint32(_MAX_KEY), jnp.asarray(total, cdt), jnp.zeros((), cdt))
   if total >= _SAMPLE_MIN_TOTAL:
-    lo, c_lo, top, c_up, bracketed = _sampled_bracket(keys, k, total, count_both)
-  else:  # count(key >= 0) = total
-    lo, c_lo = jnp.uint32(0), jnp.asarray(total, cdt)
-    top, c_up = jnp.uint32(0xFFFFFFFF), jnp.asarray(0, cdt)
-    bracketed = jnp.asarray(False)
+    carry = _narrow(keys, carry, _sample_thresholds(keys, k, total), k, cdt)
+  lo, top, c_lo, c_up = carry
+  # Above every threshold (or below), the largest (smallest) key bounds the range.
+  lo = lax.cond(
+    c_lo == total, lambda: functools.reduce(jnp.minimum, map(jnp.min, keys)), lambda: lo
+  )
+  top = lax.cond(c_up == 0, lambda: functools.reduce(jnp.maximum, map(jnp.max, keys)), lambda: top)
 
   def unresolved(carry):
     lo, top, c_lo, _, _ = carry
-    return (lo < top) & (c_lo != k)
+    return (lo < top) & (c_lo != k) & (k > 0)
 
-  # Rows of 2**16 entries or more (a long last axis) cannot count in a 16-bit
-  # field: while the bracket holds 2**16 keys or more, one probe per pass,
-  # where the counts interpolate k, or the upper middle after a probe that did
-  # not halve the range.
-  def wide(carry):
-    lo, top, c_lo, c_up, _ = carry
-    return unresolved(carry) & (c_lo - c_up >= _PACKED_LIMIT)
-
-  def one_probe(carry):
+  def search_pass(carry):
     lo, top, c_lo, c_up, interpolate = carry
     gap = top - lo  # >= 1
-    half = lo + (gap >> 1) + (gap & jnp.uint32(1))  # upper middle: no overflow, always moves
-    mid = jnp.where(interpolate, _key_at(lo, gap, _position(c_lo, c_up, k, 0.0)), half)
-    c_mid = count(lambda i, key: key >= mid)
-    take = c_mid >= k
-    new_lo, new_top = jnp.where(take, mid, lo), jnp.where(take, top, mid - jnp.uint32(1))
-    halved = bracketed & ((new_top - new_lo) <= (gap >> 1))
-    return new_lo, new_top, jnp.where(take, c_mid, c_lo), jnp.where(take, c_up, c_mid), halved
+    n_in = jnp.maximum((c_lo - c_up).astype(jnp.float32), 1.0)
+    f = (c_lo - k).astype(jnp.float32) / n_in  # the k-th key's interpolated place in the bracket
+    sigma = (2.0 * jnp.sqrt(n_in * f * (1.0 - f)) + 1.0) / n_in
+    even = [(i + 1) / (PROBES + 1) for i in range(PROBES)]
+    fracs = [jnp.where(interpolate, x, e) for x, e in zip(_spread(f, sigma), even)]
+    new = _narrow(keys, (lo, top, c_lo, c_up), [_key_at(lo, gap, x) for x in fracs], k, cdt)
+    shrunk = (new[1] - new[0]) <= gap // jnp.uint32(PROBES + 1)
+    return (*new, shrunk)
 
-  # Several probes per pass, their counts packed into one uint32 word per
-  # entry (a single-output reduction, which XLA:CPU vectorises; a multi-output
-  # one it does not; see packed_counts): 2 probes of 16 bits, 4 of 8 bits once
-  # the bracket holds fewer than 2**8 keys, 8 of 4 bits below 2**4, each pass
-  # at about the cost of one count. The probes spread evenly over the
-  # interpolated position of the k-th key, two binomial standard deviations
-  # either side, or split the range evenly after a pass that did not shrink it
-  # by the factor P + 1.
-  def probes(n_probes):
-    bits = 32 // n_probes
-
-    def body(carry):
-      lo, top, c_lo, c_up, interpolate = carry
-      gap = top - lo  # >= 1
-      n_in = (c_lo - c_up).astype(jnp.float32)
-      f = (c_lo - k).astype(jnp.float32) / jnp.maximum(n_in, 1.0)
-      spread = (2.0 * jnp.sqrt(n_in * f * (1.0 - f)) + 1.0) / jnp.maximum(n_in, 1.0)
-      ts = []
-      for i in range(n_probes):
-        near = f - spread + 2.0 * spread * (i / (n_probes - 1))
-        even = (i + 1) / (n_probes + 1)
-        ts.append(_key_at(lo, gap, jnp.where(interpolate, near, even)))
-
-      def probe(t):
-        return lambda i, key: (key <= top) & (key >= t)
-
-      cs = [c_up + c for c in packed_counts([probe(t) for t in ts], bits)]
-      # Counts fall as probes rise: the new bracket lies between the last
-      # probe that still counts k and the next one.
-      n_above = sum((c >= k).astype(jnp.int32) for c in cs)
-      ts, cs = jnp.stack(ts), jnp.stack(cs)
-      new_lo = jnp.concatenate([lo[None], ts])[n_above]
-      new_c_lo = jnp.concatenate([c_lo[None], cs])[n_above]
-      new_top = jnp.concatenate([ts - jnp.uint32(1), top[None]])[n_above]
-      new_c_up = jnp.concatenate([cs, c_up[None]])[n_above]
-      shrunk = (new_top - new_lo) <= gap // jnp.uint32(n_probes + 1)
-      return new_lo, new_top, new_c_lo, new_c_up, shrunk
-
-    return body
-
-  def holding_at_least(bound):
-    return lambda carry: unresolved(carry) & (carry[2] - carry[3] >= bound)
-
-  carry = (lo, top, c_lo, c_up, bracketed)
-  if row >= 2**16:  # a row's count may not fit a 16-bit field
-    carry = lax.while_loop(wide, one_probe, carry)
-  carry = lax.while_loop(holding_at_least(2**8), probes(2), carry)
-  carry = lax.while_loop(holding_at_least(2**4), probes(4), carry)
-  thresh, _, n_at_least, _, _ = lax.while_loop(unresolved, probes(8), carry)
-
-  offsets = [0]
-  for key in keys[:-1]:
-    offsets.append(offsets[-1] + int(key.size))
-
-  def exact(_):
-    return [key >= thresh for key in keys]
-
-  def break_ties(_):
-    # thresh is the k-th largest key and more than k keys reach it: keep every
-    # key above it and, of those equal to it, the ``need`` lowest flat indices.
-    need = k - count(lambda i, key: key > thresh)
-    idx = [_flat_index(key.shape, off) for key, off in zip(keys, offsets)]
-
-    def idx_step(b, j):  # largest j with count(eq & idx <= j) < need, plus one
-      cand = j | (1 << (nbits - 1 - b))
-      below = count(lambda i, key: (key == thresh) & (idx[i] < cand))
-      return jnp.where((cand <= total) & (below < need), cand, j)
-
-    nbits = max(1, int(total).bit_length())
-    j = lax.fori_loop(0, nbits, idx_step, jnp.int32(0))
-    return [(key > thresh) | ((key == thresh) & (ix <= j)) for key, ix in zip(keys, idx)]
-
-  kept = lax.cond(n_at_least == k, exact, break_ties, None)
-  return [m & (k > 0) for m in kept]
+  thresh, _, c_at_least, c_above, _ = lax.while_loop(
+    unresolved, search_pass, (lo, top, c_lo, c_up, jnp.asarray(True))
+  )
+  kept = lax.cond(
+    (c_at_least == k) | (k == 0),
+    lambda: [key >= thresh for key in keys],
+    # thresh is the k-th largest key and more than k keys reach it.
+    lambda: _break_ties(keys, thresh, k - c_above, cdt),
+  )
+  kept = iter(kept)
+  return [
+    (next(kept) & (k > 0)).reshape(shape) if math.prod(shape) else jnp.zeros(shape, bool)
+    for shape in shapes
+  ]
 
 
 def topk_mask(scores: jax.Array, k) -> jax.Array:

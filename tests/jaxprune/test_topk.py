@@ -170,61 +170,78 @@ def test_sampled_bracket_edges_of_k_and_joint_selection():
     np.testing.assert_array_equal(joint, _reference_topk(x.reshape(-1), k))
 
 
-def test_sampled_bracket_bounds_hold_the_kth_key():
+def test_sampled_first_pass_brackets_the_kth_key():
   from jaxprune import topk
 
   x = np.abs(_large_scores("normal", 3))  # magnitudes, as pruning ranks them
   keys = [topk._sortable(jnp.asarray(x))]
-  count = lambda pred: sum(jnp.sum(pred(i, key), dtype=jnp.float32) for i, key in enumerate(keys))
-  count_both = lambda a, b: (count(a), count(b))
   flat = np.sort(np.asarray(keys[0]).reshape(-1))[::-1]
+  full = (jnp.uint32(0), jnp.uint32(topk._MAX_KEY), jnp.float32(x.size), jnp.float32(0))
   for k in (1, 7_710, 38_550, 77_099):
-    lo, c_lo, top, c_up, _ = topk._sampled_bracket(keys, jnp.float32(k), x.size, count_both)
+    kf = jnp.float32(k)
+    ts = topk._sample_thresholds(keys, kf, x.size)
+    assert len(ts) == topk.PROBES and all(int(a) <= int(b) for a, b in zip(ts, ts[1:]))
+    lo, top, c_lo, c_up = topk._narrow(keys, full, ts, kf, jnp.float32)
     kth = flat[k - 1]
     assert int(lo) <= kth <= int(top)
     assert int(c_lo) == int((flat >= int(lo)).sum()) >= k
-    assert int(c_up) == int((flat >= int(top) + 1).sum()) < k
+    assert int(c_up) == int((flat > int(top)).sum()) < k
     if 0.05 < k / x.size < 0.95:  # the sample narrows a continuous distribution
-      assert int(top) - int(lo) < 2**22
+      assert int(c_lo) - int(c_up) < 0.1 * x.size
 
 
-@settings(max_examples=12, deadline=None)
+# Leaves whose axes group 16, a few, or no entries at a time before the
+# fields are unpacked, a scalar, an empty leaf, and long rows.
+_GROUPED_SHAPES = [(32, 16), (3, 3, 64, 8), (7, 13), (13,), (), (0, 4), (1, 70_001), (5, 3, 2)]
+
+
+@settings(max_examples=30, deadline=None)
 @given(
-  n=st.sampled_from([65_535, 65_536, 140_000]),
-  levels=st.sampled_from([0, 3, 2**12]),
-  k_frac=st.floats(0.0, 1.0),
+  shape=st.sampled_from(_GROUPED_SHAPES),
+  levels=st.sampled_from([0, 1, 3]),
   seed=st.integers(0, 2**16),
 )
-def test_packed_probe_passes_at_the_16_bit_count_limit(n, levels, k_frac, seed):
-  """Brackets of just under 2**16 keys pack two full 16-bit counts into one sum;
-  65,536 entries and more take the sampled bracket and single probes first.
-  Continuous scores, few levels (whole tie groups inside the bracket) or many."""
+def test_packed_counts_match_numpy_for_every_grouping(shape, levels, seed):
+  from jaxprune import topk
+
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=n).astype(np.float32)
+  x = rng.normal(size=shape).astype(np.float32)
   if levels:
-    x = rng.integers(0, levels, size=n).astype(np.float32)
-  k = int(round(k_frac * n))
-  m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
-  assert m.sum() == k
-  np.testing.assert_array_equal(m, _reference_topk(x, k))
+    x = rng.integers(0, levels, size=shape).astype(np.float32)
+  keys = [topk._sortable(jnp.asarray(x)).reshape(shape or (1,))]
+  flat = np.asarray(keys[0]).reshape(-1)
+  picks = rng.choice(np.concatenate([flat, [0, 2**32 - 1]]), topk.PROBES)
+  ts = [jnp.uint32(t) for t in np.sort(picks)]
+  got = np.asarray(topk._packed_counts(keys, ts, jnp.float32))
+  np.testing.assert_array_equal(got, [(flat >= int(t)).sum() for t in ts])
 
 
 @settings(max_examples=25, deadline=None)
 @given(
-  n=st.sampled_from([1, 2, 15, 16, 17, 255, 256, 257, 1000]),
+  shape=st.sampled_from([s for s in _GROUPED_SHAPES if s != (0, 4)] + [(65_536,), (300, 301)]),
   levels=st.sampled_from([0, 1, 2, 5]),
-  k=st.integers(0, 1000),
+  k_frac=st.floats(0.0, 1.0),
   seed=st.integers(0, 2**16),
 )
-def test_packed_probe_passes_at_the_8_and_4_bit_count_limits(n, levels, k, seed):
-  """Brackets below 2**8 keys count four probes of 8 bits per pass, below 2**4
-  eight probes of 4 bits: inputs of exactly 255 and 15 entries fill a field,
-  256 and 16 take the wider passes first; ties and a single level included."""
+def test_selection_is_exact_for_every_grouping_and_tie_pattern(shape, levels, k_frac, seed):
+  """Continuous scores, few levels (whole tie groups across rows: the tied
+  row counts and the bisected boundary row) or a single level, over shapes
+  that group differently; 65,536 entries and more take the sampled first pass."""
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=n).astype(np.float32)
+  x = rng.normal(size=shape).astype(np.float32)
   if levels:
-    x = rng.integers(0, levels, size=n).astype(np.float32)
-  k = min(k, n)
+    x = rng.integers(0, levels, size=shape).astype(np.float32)
+  k = int(round(k_frac * x.size))
   m = np.asarray(_topk_traced(jnp.asarray(x), k)).reshape(-1)
   assert m.sum() == k
   np.testing.assert_array_equal(m, _reference_topk(x, k))
+
+
+def test_empty_and_scalar_leaves_in_a_joint_selection():
+  a, empty, s = jnp.array([[3.0, 1.0], [2.0, 2.0]]), jnp.zeros((0, 3)), jnp.float32(2.0)
+  ma, me, ms = topk_masks([a, empty, s], 3)
+  assert me.shape == (0, 3) and ms.shape == ()
+  assert np.asarray(ma).tolist() == [[True, False], [True, True]] and not bool(ms)
+  ma, me, ms = topk_masks([a, empty, s], 4)  # the 2.0 ties go to the earlier leaf first
+  assert np.asarray(ma).tolist() == [[True, False], [True, True]] and bool(ms)
+  assert not np.asarray(topk_masks([empty], 0)[0]).any()
