@@ -200,29 +200,20 @@ class ResNet(nn.Module):
       raise ValueError(f"Unknown stem {self.stem!r}; 'imagenet' or 'cifar'.")
     norm = _batch_norm(train, self.dtype)
     x = x.astype(self.dtype)
-    if self.stem == "imagenet":
-      x = nn.Conv(
-        self.num_filters,
-        (7, 7),
-        (2, 2),
-        padding=[(3, 3), (3, 3)],
-        use_bias=False,
-        kernel_init=conv_init,
-        dtype=self.dtype,
-        name="stem_conv",
-      )(x)
-      x = nn.relu(norm(name="stem_bn")(x))
+    imagenet = self.stem == "imagenet"  # 7x7 stride 2 and a max-pool; cifar: 3x3 stride 1
+    x = nn.Conv(
+      self.num_filters,
+      (7, 7) if imagenet else (3, 3),
+      (2, 2) if imagenet else (1, 1),
+      padding=[(3, 3), (3, 3)] if imagenet else "SAME",
+      use_bias=False,
+      kernel_init=conv_init,
+      dtype=self.dtype,
+      name="stem_conv",
+    )(x)
+    x = nn.relu(norm(name="stem_bn")(x))
+    if imagenet:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    else:
-      x = nn.Conv(
-        self.num_filters,
-        (3, 3),
-        use_bias=False,
-        kernel_init=conv_init,
-        dtype=self.dtype,
-        name="stem_conv",
-      )(x)
-      x = nn.relu(norm(name="stem_bn")(x))
     block_cls = blocks[self.block]
     for stage, size in enumerate(self.stage_sizes):
       for i in range(size):

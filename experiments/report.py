@@ -162,12 +162,18 @@ def at_init(name: str) -> str:
   return _table(["method"] + [_pct(s) for s in sparsities], out)
 
 
-DST_VARIANTS = {
+# Row labels of the variant studies (dst_options, sr_ste).
+VARIANT_LABELS = {
   "default": "default (zeros, cosine)",
   "default+rescale": "default + rescale_init",
   "random+constant": "grow_init=random, drop_schedule=constant",
   "random+constant+rescale": "random + constant + rescale_init",
+  "dense": "dense",
+  "gradual_2:4": "gradual 2:4 (cubic ramp 4:4 -> 3:4 -> 2:4)",
+  "sr_ste_2:4": "sr_ste 2:4 (decay 2e-4, masks every step)",
+  "ste_2:4": "ste 2:4 (no decay)",
 }
+DST_VARIANTS = ("default", "default+rescale", "random+constant", "random+constant+rescale")
 
 
 def dst_options(name: str) -> str:
@@ -176,8 +182,8 @@ def dst_options(name: str) -> str:
   table = []
   for algorithm in ("set", "rigl"):
     out, means = [], []
-    for variant, label in DST_VARIANTS.items():
-      row, mrow = [algorithm, label], [None, None]
+    for variant in DST_VARIANTS:
+      row, mrow = [algorithm, VARIANT_LABELS[variant]], [None, None]
       for s in sparsities:
         acc = [
           r["test_accuracy"]
@@ -219,14 +225,6 @@ def regrowth(name: str) -> str:
   return _table(head, table)
 
 
-SR_STE_VARIANTS = {
-  "dense": "dense",
-  "gradual_2:4": "gradual 2:4 (cubic ramp 4:4 -> 3:4 -> 2:4)",
-  "sr_ste_2:4": "sr_ste 2:4 (decay 2e-4, masks every step)",
-  "ste_2:4": "ste 2:4 (no decay)",
-}
-
-
 def sr_ste(name: str) -> str:
   rows = _json(name)["rows"]
   out, means = [], []
@@ -236,7 +234,7 @@ def sr_ste(name: str) -> str:
     flags = [r.get("nm_exact") for r in sel]
     exact = "yes" if all(f is True for f in flags) else "no" if False in flags else "not recorded"
     exact = "-" if variant == "dense" else exact
-    out.append([SR_STE_VARIANTS.get(variant, variant), _cell(acc), exact])
+    out.append([VARIANT_LABELS.get(variant, variant), _cell(acc), exact])
     means.append([None, _mean_std(acc)[0], None])
   _bold_best(out, means, 1)
   return _table(["variant", "test accuracy", "masks exactly 2:4 along the input axis"], out)

@@ -2,6 +2,7 @@
 
     python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
         [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale]
+        [--layers=hidden|conv]
         [--seed=0] [--config.KEY=VALUE ...]
 
 Two runs of the config's model, optimizer, learning-rate schedule, data order
@@ -9,7 +10,9 @@ and number of steps, with the same seed:
 
 - dense: the plain model (`jaxprune.create("dense")`);
 - shrink: gradual neuron/channel pruning to `--target` of the units of every
-  hidden layer (the output layer is kept whole), ranked by the L2 norm of their
+  hidden layer (`--layers=hidden`, the default; the output layer is kept whole)
+  or of the Conv layers only (`--layers=conv`; Dense hidden layers keep their
+  width), ranked by the L2 norm of their
   kernel (`--score=magnitude`, the default) or, in a layer followed by a
   BatchNorm, by the absolute BatchNorm scale (`--score=bn_scale`, network
   slimming's criterion; BatchNorm makes the kernel's scale irrelevant to the
@@ -91,6 +94,23 @@ def hidden_layers(params) -> list[str]:
   return names[:-1]
 
 
+LAYERS = ("hidden", "conv")
+
+
+def pruned_layers(params, layers: str = "hidden") -> list[str]:
+  """The layers whose units shrink: every hidden layer (`"hidden"`), or only the
+  convolutions (`"conv"`: channel sparsity in the strict sense; Dense hidden
+  layers keep their width)."""
+  if layers not in LAYERS:
+    raise ValueError(f"--layers={layers!r}: expected one of {', '.join(LAYERS)}")
+  names = hidden_layers(params)
+  if layers == "conv":
+    names = [n for n in names if np.ndim(params[n]["kernel"]) > 2]
+    if not names:
+      raise train.ConfigError("--layers=conv: the model has no hidden Conv layer")
+  return names
+
+
 def resized(model, widths: Sequence[int]):
   """`model` rebuilt with the hidden widths of a compaction (`Shrunk.widths`)."""
   if isinstance(model, models.CNN):
@@ -114,17 +134,19 @@ def shrink_algorithm(
   schedule: Sequence[float],
   sparsity_type: str,
   score: str = "magnitude",
+  layers: str = "hidden",
 ):
-  """Tied gradual pruning of every hidden layer's units, ranked by the L2 norm of
-  their kernel (`score="magnitude"`) or, for a layer followed by a BatchNorm, by
-  the absolute BatchNorm scale (`"bn_scale"`, network slimming, Liu et al. 2017;
+  """Tied gradual pruning of the units of every hidden layer (or of the Conv
+  layers only, `layers="conv"`), ranked by the L2 norm of their kernel
+  (`score="magnitude"`) or, for a layer followed by a BatchNorm, by the absolute
+  BatchNorm scale (`"bn_scale"`, network slimming, Liu et al. 2017;
   `jaxprune.shrink.score_by_batchnorm_scale`)."""
   if score not in SCORES:
     raise ValueError(f"--score={score!r}: expected one of {', '.join(SCORES)}")
   steps = int(config.steps)
   start, end = (int(round(f * steps)) for f in schedule)
-  layers = hidden_layers(params)
-  include = "^(" + "|".join(re.escape(n) for n in layers) + ")/kernel$"
+  names = pruned_layers(params, layers)
+  include = "^(" + "|".join(re.escape(n) for n in names) + ")/kernel$"
   algo = jaxprune.create(
     "gradual_magnitude",
     sparsity=float(target),
@@ -136,7 +158,7 @@ def shrink_algorithm(
   )
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
-  return shrink.tie_units(algo)._replace(config={**algo.config, "score": score})
+  return shrink.tie_units(algo)._replace(config={**algo.config, "score": score, "layers": layers})
 
 
 def forward_flops(model, params, batch_stats, input_shape) -> int:
@@ -258,6 +280,7 @@ class Run:
       "end_step",
       "update_every",
       "score",
+      "layers",
     )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
@@ -279,15 +302,15 @@ class Run:
     meta = self.checkpointer.read_meta(step)
     ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
     saved = meta.get("shrink", {})
-    if "algorithm" in saved:  # checkpoints from before --score ranked by magnitude
-      saved["algorithm"] = {"score": "magnitude", **saved["algorithm"]}
+    if "algorithm" in saved:  # checkpoints from before --score / --layers
+      saved["algorithm"] = {"score": "magnitude", "layers": "hidden", **saved["algorithm"]}
     recipe = self._recipe()
     for key in recipe:
       if saved.get(key) != recipe[key]:
         raise ckpt.ConfigMismatchError(
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
-          "--compact_at or --sparsity_type differ); use another --workdir"
+          "--compact_at, --sparsity_type, --score or --layers differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):
@@ -450,6 +473,12 @@ def parse_args(argv: Sequence[str]):
   )
   p.add_argument("--sparsity_type", default="channel", choices=("channel", "neuron"))
   p.add_argument(
+    "--layers",
+    default="hidden",
+    choices=LAYERS,
+    help="shrink every hidden layer, or the Conv layers only (Dense hidden layers keep their width)",
+  )
+  p.add_argument(
     "--score",
     default="magnitude",
     choices=SCORES,
@@ -499,7 +528,13 @@ def run(args, config, out=None) -> dict:
   )
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   algorithm = shrink_algorithm(
-    config, variables["params"], args.target, args.schedule, args.sparsity_type, args.score
+    config,
+    variables["params"],
+    args.target,
+    args.schedule,
+    args.sparsity_type,
+    args.score,
+    args.layers,
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -520,7 +555,8 @@ def run(args, config, out=None) -> dict:
 
   checkpointer = ckpt.Checkpointer(args.workdir) if args.workdir else None
   say(
-    f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity, schedule "
+    f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity "
+    f"({args.layers} layers), schedule "
     f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
     f"{algorithm.config['update_every']}, compactions after steps {compact_steps}, "
     f"{steps} steps, seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
@@ -563,6 +599,7 @@ def run(args, config, out=None) -> dict:
     "target": args.target,
     "sparsity_type": args.sparsity_type,
     "score": args.score,
+    "layers": args.layers,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source) if trained else None,

@@ -105,6 +105,17 @@ def base_config(name: str) -> ml_collections.ConfigDict:
   return c
 
 
+def fashion_mnist_config(name: str, model: str, steps: int) -> ml_collections.ConfigDict:
+  """Fashion-MNIST (Xiao et al., 2017, offline) recipes: `model` trained for
+  `steps` with base_config's Adam, lr 1e-3, batch 128 and intervals."""
+  c = base_config(name)
+  c.dataset = "fashion_mnist"
+  c.num_classes = 10
+  c.model = model
+  c.steps = steps
+  return c
+
+
 def fraction_of_steps(config: ml_collections.ConfigDict, fraction: float):
   """A lazy int reference `int(fraction * config.steps)`; follows `steps`."""
   return (config.get_ref("steps") * float(fraction)).to_int()
@@ -179,6 +190,22 @@ CIFAR_STEPS = 97_656  # 250 epochs of 50,000 images at batch size 128.
 CIFAR_LR_BOUNDARIES = tuple(b / CIFAR_STEPS for b in (30_000, 60_000, 90_000))
 
 
+def use_rigl(
+  c: ml_collections.ConfigDict, sparsity: float, end_fraction: float = 0.75
+) -> ml_collections.ConfigDict:
+  """RigL with the paper's hyper-parameters (Evci et al., 2020, "Rigging the
+  Lottery: Making All Tickets Winners"): the ERK distribution, a mask update
+  every 100 steps, drop fraction 0.3 (cosine decay), updates ending at
+  `end_fraction` of the steps (a lazy reference: follows `c.steps`)."""
+  c.algorithm = "rigl"
+  c.sparsity = sparsity
+  c.distribution = "erk"
+  c.end_step = fraction_of_steps(c, end_fraction)
+  c.update_every = 100
+  c.drop_fraction = 0.3
+  return c
+
+
 def cifar10_rigl_config(name: str, model: str) -> ml_collections.ConfigDict:
   """The RigL CIFAR-10 recipe (see above) for `model`; add its model_kwargs."""
   c = base_config(name)
@@ -203,14 +230,5 @@ def apply_rigl_cifar_recipe(c: ml_collections.ConfigDict) -> ml_collections.Conf
   c.lr_decay_factor = 0.2
   c.weight_decay = 5e-4
 
-  c.eval_every = 2_000
-  c.log_every = 100
-  c.checkpoint_every = 1_000
-
-  c.algorithm = "rigl"
-  c.sparsity = 0.9
-  c.distribution = "erk"
-  c.end_step = fraction_of_steps(c, 0.75)
-  c.update_every = 100
-  c.drop_fraction = 0.3
-  return c
+  c.eval_every = 2_000  # log_every, checkpoint_every: base_config's
+  return use_rigl(c, sparsity=0.9)

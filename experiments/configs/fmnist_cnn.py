@@ -15,27 +15,8 @@ from experiments.configs import common
 
 
 def get_config():
-  c = common.base_config("fmnist_cnn")
-  c.dataset = "fashion_mnist"
-  c.num_classes = 10
-  c.model = "cnn"
+  c = common.fashion_mnist_config("fmnist_cnn", "cnn", steps=4000)
   c.model_kwargs.channels = (32, 64)
   c.model_kwargs.hidden = 128
-
-  c.batch_size = 128
-  c.steps = 4000
-  c.optimizer = "adam"
-  c.learning_rate = 1e-3
   c.lr_schedule = "cosine"
-
-  c.eval_every = 500
-  c.log_every = 100
-  c.checkpoint_every = 1000
-
-  c.algorithm = "rigl"
-  c.sparsity = 0.8
-  c.distribution = "erk"
-  c.end_step = common.fraction_of_steps(c, 0.75)
-  c.update_every = 100
-  c.drop_fraction = 0.3
-  return c
+  return common.use_rigl(c, sparsity=0.8)

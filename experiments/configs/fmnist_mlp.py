@@ -16,22 +16,8 @@ from experiments.configs import common
 
 
 def get_config():
-  c = common.base_config("fmnist_mlp")
-  c.dataset = "fashion_mnist"
-  c.num_classes = 10
-  c.model = "mlp"
+  c = common.fashion_mnist_config("fmnist_mlp", "mlp", steps=3000)  # constant lr
   c.model_kwargs.features = (300, 100)
-
-  c.batch_size = 128
-  c.steps = 3000
-  c.optimizer = "adam"
-  c.learning_rate = 1e-3
-  c.lr_schedule = "constant"
-
-  c.eval_every = 500
-  c.log_every = 100
-  c.checkpoint_every = 1000
-
   c.algorithm = "gradual_magnitude"
   c.sparsity = 0.9
   c.start_step = common.fraction_of_steps(c, 0.1)

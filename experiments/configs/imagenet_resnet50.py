@@ -54,15 +54,8 @@ def get_config():
   c.weight_decay = 1e-4
   c.label_smoothing = 0.1
 
-  c.eval_every = 2_000
-  c.log_every = 100
-  c.checkpoint_every = 1_000
+  c.eval_every = 2_000  # log_every, checkpoint_every: base_config's
 
-  c.algorithm = "rigl"
-  c.sparsity = 0.8
-  c.distribution = "erk"
-  c.end_step = common.fraction_of_steps(c, 25_000 / STEPS)
-  c.update_every = 100
-  c.drop_fraction = 0.3
+  common.use_rigl(c, sparsity=0.8, end_fraction=25_000 / STEPS)
   c.include = KERNELS_BUT_STEM
   return c

@@ -87,6 +87,24 @@ def test_cli_skip_dense_trains_only_the_shrink_run_with_bn_scale_scores(capsys):
   assert "dense" not in out.out.split("[shrink] step 40:")[1].splitlines()[0]
 
 
+def test_cli_conv_layers_shrink_channels_and_keep_the_dense_hidden_layer(capsys):
+  code, out = _main(capsys, *TINY, "--chunk=10", "--rounds=1", "--skip_dense", "--layers=conv")
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["layers"] == "conv"
+  assert result["widths_before"] == [4, 8, 16]
+  assert result["widths_after"] == [1, 2, 16]  # the Dense 16 keeps every unit
+  assert [c["step"] for c in result["compactions"]] == [15, 25]
+  # The conv layers' channels, and the Dense kernel's rows that read them, are gone.
+  assert 0.1 < result["final_params_ratio"] < 0.5
+
+
+def test_cli_conv_layers_need_a_conv_model(capsys):
+  code, out = _main(capsys, *TINY_MLP, "--layers=conv")
+  assert code == 2
+  assert "--layers=conv: the model has no hidden Conv layer" in out.err
+
+
 def test_cli_rejects_compaction_before_the_schedule(capsys):
   code, out = _main(capsys, *TINY, "--compact_at=0.0,0.5")
   assert code == 2
