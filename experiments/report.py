@@ -301,11 +301,15 @@ SHRINK_VARIANTS = {
     "shrink/fmnist_cnn_c75_bn_scale.jsonl",
     "\\|BatchNorm scale\\| (`--score=bn_scale`)",
   ),
+  "conv": (
+    "shrink/fmnist_cnn_c75_conv.jsonl",
+    "kernel L2 norm, Conv layers only (`--layers=conv`; Dense 128 kept)",
+  ),
 }
 
 
 def shrink_cnn() -> str:
-  """fmnist_cnn at 75% channels, one row per unit score, medians [min, max] over
+  """fmnist_cnn at 75% channels, one row per variant, medians [min, max] over
   seeds. A `--skip_dense` run is paired with the dense run of its seed in the
   default variant's file (deterministic on CPU: same seed, data order, steps)."""
   dense = {r["seed"]: r for r in _jsonl(SHRINK_VARIANTS["magnitude"][0])}
@@ -315,7 +319,8 @@ def shrink_cnn() -> str:
       continue
     rows = _jsonl(name)
     acc = [100 * r["shrink_accuracy"] for r in rows]
-    diff = [100 * (r["shrink_accuracy"] - dense[r["seed"]]["dense_accuracy"]) for r in rows]
+    base = lambda r: r["dense_accuracy"] or dense[r["seed"]]["dense_accuracy"]
+    diff = [100 * (r["shrink_accuracy"] - base(r)) for r in rows]
     timed = [r for r in rows if r["speedup_wall"] is not None]
     speed = _spread([r["speedup_wall"] for r in timed]) if timed else "not timed"
     tail = [r["speedup_after_last_compaction"] for r in timed]
@@ -325,6 +330,7 @@ def shrink_cnn() -> str:
         ", ".join(str(r["seed"]) for r in rows),
         _spread(acc),
         _spread(diff, "{:+.2f}"),
+        _spread([100 * r["final_params_ratio"] for r in rows], "{:.1f}"),
         speed,
         _spread(tail) if tail else "-",
         _spread([r["shrink_compile_s"] for r in rows], "{:.1f}"),
@@ -334,10 +340,11 @@ def shrink_cnn() -> str:
     )
   dense_acc = _spread([100 * r["dense_accuracy"] for r in dense.values()])
   head = [
-    f"unit score (dense: {dense_acc} %)",
+    f"variant (dense: {dense_acc} %)",
     "seeds",
     "shrink acc (%)",
     "vs dense (points)",
+    "final params (%)",
     "speedup_wall",
     "step speedup after last compaction",
     "shrink compile s",
