@@ -305,6 +305,10 @@ SHRINK_VARIANTS = {
     "shrink/fmnist_cnn_c75_conv.jsonl",
     "kernel L2 norm, Conv layers only (`--layers=conv`; Dense 128 kept)",
   ),
+  "conv_early": (
+    "shrink/fmnist_cnn_c75_conv_sched05_35.jsonl",
+    "Conv layers only, schedule 5% to 35% of the steps (`--layers=conv --schedule=0.05,0.35`)",
+  ),
 }
 
 
@@ -354,6 +358,50 @@ def shrink_cnn() -> str:
   return _table(head, out)
 
 
+SHRINK_TARGETS = {
+  0.5: "shrink/fmnist_cnn_c50.jsonl",
+  0.75: "shrink/fmnist_cnn_c75.jsonl",
+  0.9: "shrink/fmnist_cnn_c90.jsonl",
+}
+
+
+def shrink_targets() -> str:
+  """fmnist_cnn, every hidden layer shrunk to 50/75/90%, one row per target,
+  medians [min, max] over seeds, dense and shrink paired within each run."""
+  out = []
+  for target, name in SHRINK_TARGETS.items():
+    rows = _jsonl(name)
+    out.append(
+      [
+        f"{target:.0%}",
+        "-".join(str(w) for w in rows[0]["widths_after"]),
+        ", ".join(str(r["seed"]) for r in rows),
+        _spread([100 * r["final_params_ratio"] for r in rows], "{:.1f}"),
+        _spread([100 * r["dense_accuracy"] for r in rows]),
+        _spread([100 * r["shrink_accuracy"] for r in rows]),
+        _spread([100 * (r["shrink_accuracy"] - r["dense_accuracy"]) for r in rows], "{:+.2f}"),
+        _spread([r["speedup_wall"] for r in rows]),
+        _spread([r["speedup_after_last_compaction"] for r in rows]),
+        _spread([r["ideal_speedup_flops"] for r in rows]),
+        _spread([r["inference_speedup"] for r in rows]),
+      ]
+    )
+  head = [
+    "target",
+    "widths after",
+    "seeds",
+    "final params (%)",
+    "dense acc (%)",
+    "shrink acc (%)",
+    "vs dense (points)",
+    "speedup_wall",
+    "step speedup after last compaction",
+    "ideal (FLOPs)",
+    "inference speedup",
+  ]
+  return _table(head, out)
+
+
 # ------------------------------------------------------------------ tables
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -373,6 +421,7 @@ TABLES: dict[str, Callable[[], str]] = {
   "sr-ste-mlp": lambda: sr_ste("toolbox_sr_ste_fmnist_mlp.json"),
   "sr-ste-cnn": lambda: sr_ste("toolbox_sr_ste_fmnist_cnn.json"),
   "shrink-cnn": shrink_cnn,
+  "shrink-cnn-targets": shrink_targets,
 }
 
 
