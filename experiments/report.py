@@ -297,6 +297,10 @@ def _spread(values, fmt: str = "{:.2f}") -> str:
 
 SHRINK_VARIANTS = {
   "magnitude": ("shrink/fmnist_cnn_c75.jsonl", "kernel L2 norm (default)"),
+  "early": (
+    "shrink/fmnist_cnn_c75_sched05_35.jsonl",
+    "kernel L2 norm, schedule 5% to 35% of the steps (`--schedule=0.05,0.35`)",
+  ),
   "bn_scale": (
     "shrink/fmnist_cnn_c75_bn_scale.jsonl",
     "\\|BatchNorm scale\\| (`--score=bn_scale`)",
