@@ -2,7 +2,7 @@
 
     python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
         [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale]
-        [--layers=hidden|conv]
+        [--layers=hidden|conv] [--steps_factor=1.0]
         [--seed=0] [--config.KEY=VALUE ...]
 
 Two runs of the config's model, optimizer, learning-rate schedule, data order
@@ -27,7 +27,11 @@ and number of steps, with the same seed:
   shapes and goes on. The schedule keeps the original widths' keep counts
   (`jaxprune.shrink.on_kept_units`). After the last compaction of a finished
   schedule the masks are dropped (`jaxprune.shrink.without_masks`): the small
-  model trains like a dense one.
+  model trains like a dense one. With `--steps_factor=F` the shrink run trains
+  F times the config's steps (schedule, compactions and learning-rate schedule
+  scaled with them; data order unchanged) while dense trains the config's steps:
+  the smaller model trained longer in less wall-clock than dense, RigL's extended
+  training (Evci et al. 2020).
 
 Timing. Both runs live in one process and advance in turns of `--chunk` steps
 (A B, B A, A B, ...), so background load hits both alike. A run's wall-clock
@@ -159,6 +163,21 @@ def shrink_algorithm(
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
   return shrink.tie_units(algo)._replace(config={**algo.config, "score": score, "layers": layers})
+
+
+def shrink_run_config(config, steps_factor: float):
+  """`config` for the shrink run: `steps_factor` times its steps (the same config at 1).
+
+  Training the shrunk model longer than dense, in the time dense training takes or
+  less, is the extended-training protocol of RigL (Evci et al. 2020, "RigL 2x/5x").
+  Data order does not depend on the number of steps, so the first `config.steps`
+  batches are those of the dense run.
+  """
+  if steps_factor == 1.0:
+    return config
+  small = config.copy_and_resolve_references()
+  small.steps = int(round(steps_factor * int(config.steps)))
+  return small
 
 
 def forward_flops(model, params, batch_stats, input_shape) -> int:
@@ -397,9 +416,11 @@ class Run:
     jax.block_until_ready(self.state)
     self.wall_s += time.perf_counter() - t0
 
-  def step_seconds(self, lo: int, hi: int) -> float:
-    """Seconds spent in steps lo+1..hi (chunks entirely inside the range)."""
-    return sum(t for a, b, t in self.chunk_times if a >= lo and b <= hi)
+  def seconds_per_step(self, lo: int, hi: int) -> float | None:
+    """Mean seconds per step over the timed chunks entirely inside steps lo+1..hi."""
+    inside = [(b - a, t) for a, b, t in self.chunk_times if a >= lo and b <= hi]
+    n = sum(k for k, _ in inside)
+    return sum(t for _, t in inside) / n if n else None
 
   def training_flops(self) -> float:
     """Sum over the steps of the forward FLOPs of the model in use at that step."""
@@ -484,6 +505,13 @@ def parse_args(argv: Sequence[str]):
     choices=SCORES,
     help="unit ranking: kernel L2 norm, or |BatchNorm scale| where a BatchNorm follows",
   )
+  p.add_argument(
+    "--steps_factor",
+    type=float,
+    default=1.0,
+    help="the shrink run trains this many times config.steps (its pruning schedule, "
+    "compactions and learning-rate schedule span its own steps); dense trains config.steps",
+  )
   p.add_argument("--seed", type=int, default=None, help="overrides config.seed")
   p.add_argument("--chunk", type=int, default=100, help="steps per turn of the interleaving")
   p.add_argument("--rounds", type=int, default=20, help="inference latency rounds")
@@ -509,6 +537,11 @@ def parse_args(argv: Sequence[str]):
     raise train.ConfigError(
       f"--schedule must be start,end with 0 <= start < end <= 1, got {args.schedule}"
     )
+  if not args.steps_factor > 0.0 or int(round(args.steps_factor * int(config.steps))) < 1:
+    raise train.ConfigError(
+      f"--steps_factor must be > 0 and leave the shrink run at least one step, got "
+      f"{args.steps_factor} (config.steps={config.steps})"
+    )
   if args.chunk < 1:
     raise train.ConfigError(f"--chunk must be >= 1, got {args.chunk}")
   return args, config
@@ -520,6 +553,8 @@ def run(args, config, out=None) -> dict:
   mesh = shd.make_mesh(False)
   shd.check_batch_size(int(config.batch_size), mesh)
   steps = int(config.steps)
+  small_config = shrink_run_config(config, args.steps_factor)
+  small_steps = int(small_config.steps)
 
   # Validate before reading data: the model must be a chain compact handles.
   model = models.get_model(config)
@@ -528,7 +563,7 @@ def run(args, config, out=None) -> dict:
   )
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   algorithm = shrink_algorithm(
-    config,
+    small_config,
     variables["params"],
     args.target,
     args.schedule,
@@ -536,7 +571,7 @@ def run(args, config, out=None) -> dict:
     args.score,
     args.layers,
   )
-  compact_steps = shrink.compaction_steps(algorithm, args.compact_at, steps)
+  compact_steps = shrink.compaction_steps(algorithm, args.compact_at, small_steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
   shrink.compact_state(
     variables["params"], probe.init(variables["params"]), variables.get("batch_stats")
@@ -559,18 +594,21 @@ def run(args, config, out=None) -> dict:
     f"({args.layers} layers), schedule "
     f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
     f"{algorithm.config['update_every']}, compactions after steps {compact_steps}, "
-    f"{steps} steps, seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
+    f"{small_steps} steps (dense {steps}), seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
   )
   try:
     dense = Run("dense", config, mesh, train_source) if args.stop_at is None else None
-    small = Run("shrink", config, mesh, train_source, algorithm, compact_steps, checkpointer)
+    small = Run("shrink", small_config, mesh, train_source, algorithm, compact_steps, checkpointer)
     runs = [small] if dense is None or args.skip_dense else [dense, small]
-    for i, lo in enumerate(range(0, steps, args.chunk)):
-      hi = min(lo + args.chunk, steps)
+    last_step = max(int(r.config.steps) for r in runs)
+    for i, lo in enumerate(range(0, last_step, args.chunk)):
+      hi = min(lo + args.chunk, last_step)
       for r in runs if i % 2 == 0 else runs[::-1]:
-        if r.step < hi:
-          r.advance(hi, stop_at=args.stop_at if r.name == "shrink" else None)
-      if (i + 1) % 10 == 0 or hi == steps:
+        if r.step < min(hi, int(r.config.steps)):
+          r.advance(
+            min(hi, int(r.config.steps)), stop_at=args.stop_at if r.name == "shrink" else None
+          )
+      if (i + 1) % 10 == 0 or hi == last_step:
         say(
           f"[shrink] step {hi}: "
           + ", ".join(f"{r.name} {r.wall_s:.1f} s (compile {r.compile_s:.1f} s)" for r in runs)
@@ -586,9 +624,9 @@ def run(args, config, out=None) -> dict:
     say(
       f"[shrink] compaction after step {c['step']}: widths {c['widths']}, compact {c['compact_s']} s, compile {c['compile_s']} s"
     )
-  last = small.compactions[-1]["step"] if small.compactions else steps
-  tail_dense = dense.step_seconds(last, steps) if trained else None
-  tail_shrink = small.step_seconds(last, steps)
+  last = small.compactions[-1]["step"] if small.compactions else small_steps
+  tail_dense = dense.seconds_per_step(last, steps) if trained else None
+  tail_shrink = small.seconds_per_step(last, small_steps)
   latency = inference_speedup(dense, small, args.rounds)
   dense_flops = dense.training_flops()
   result = {
@@ -596,6 +634,7 @@ def run(args, config, out=None) -> dict:
     "dataset": train_source.dataset,
     "seed": int(config.seed),
     "steps": steps,
+    "shrink_steps": small_steps,
     "target": args.target,
     "sparsity_type": args.sparsity_type,
     "score": args.score,

@@ -99,6 +99,33 @@ def test_cli_conv_layers_shrink_channels_and_keep_the_dense_hidden_layer(capsys)
   assert 0.1 < result["final_params_ratio"] < 0.5
 
 
+def test_cli_steps_factor_trains_the_shrink_run_longer_and_leaves_dense_alone(capsys):
+  code, out = _main(capsys, *TINY_MLP, "--chunk=7", "--rounds=1")
+  assert code == 0, out.err[-3000:]
+  plain = json.loads(out.out.strip().splitlines()[-1])
+  code, out = _main(capsys, *TINY_MLP, "--chunk=7", "--rounds=1", "--steps_factor=2")
+  assert code == 0, out.err[-3000:]
+  longer = json.loads(out.out.strip().splitlines()[-1])
+  assert (plain["steps"], plain["shrink_steps"]) == (30, 30)
+  assert (longer["steps"], longer["shrink_steps"]) == (30, 60)
+  # The pruning schedule (10% to 60%) and the compactions follow the shrink run's steps.
+  assert plain["schedule"] == [3, 18] and longer["schedule"] == [6, 36]
+  assert longer["compactions"][-1]["step"] > 30
+  assert longer["compactions"][-1]["masks_dropped"] is True
+  assert longer["widths_after"] == plain["widths_after"] == [4, 2]
+  # Dense trains its own 30 steps either way: the same accuracy to the digit.
+  assert longer["dense_accuracy"] == plain["dense_accuracy"]
+  # Twice the steps of a model that ends smaller than dense: FLOP ratio below 1, above 0.
+  assert 0.0 < longer["ideal_speedup_flops"] < plain["ideal_speedup_flops"]
+
+
+@pytest.mark.parametrize("factor", ["0", "-1", "0.001"])
+def test_cli_rejects_a_steps_factor_without_steps(capsys, factor):
+  code, out = _main(capsys, *TINY_MLP, f"--steps_factor={factor}")
+  assert code == 2
+  assert "--steps_factor must be > 0" in out.err
+
+
 def test_cli_conv_layers_need_a_conv_model(capsys):
   code, out = _main(capsys, *TINY_MLP, "--layers=conv")
   assert code == 2
