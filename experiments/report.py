@@ -313,6 +313,15 @@ SHRINK_VARIANTS = {
     "shrink/fmnist_cnn_c75_conv_sched05_35.jsonl",
     "Conv layers only, schedule 5% to 35% of the steps (`--layers=conv --schedule=0.05,0.35`)",
   ),
+  "conv_earlier": (
+    "shrink/fmnist_cnn_c75_conv_sched02_20.jsonl",
+    "Conv layers only, schedule 2% to 20% of the steps (`--layers=conv --schedule=0.02,0.2`)",
+  ),
+  "conv_early_x15": (
+    "shrink/fmnist_cnn_c75_conv_sched05_35_x15.jsonl",
+    "Conv layers only, schedule 5% to 35%, shrink run trained 1.5x the steps (6000; dense "
+    "4000) (`--layers=conv --schedule=0.05,0.35 --steps_factor=1.5`)",
+  ),
 }
 
 
