@@ -329,7 +329,7 @@ class Run:
         raise ckpt.ConfigMismatchError(
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
-          "--compact_at, --sparsity_type, --score or --layers differ); use another --workdir"
+          "--compact_at, --steps_factor, --sparsity_type, --score or --layers differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):

@@ -119,6 +119,30 @@ def test_cli_steps_factor_trains_the_shrink_run_longer_and_leaves_dense_alone(ca
   assert 0.0 < longer["ideal_speedup_flops"] < plain["ideal_speedup_flops"]
 
 
+def test_cli_steps_factor_resumes_across_a_compaction_and_refuses_another_factor(capsys, tmp_path):
+  argv = [*TINY_MLP, "--chunk=7", "--rounds=1", "--steps_factor=2"]
+  code, out = _main(capsys, *argv, f"--workdir={tmp_path / 'straight'}")
+  assert code == 0, out.err[-3000:]
+  straight = json.loads(out.out.strip().splitlines()[-1])
+  first, second = (c["step"] for c in straight["compactions"])
+  workdir = f"--workdir={tmp_path / 'stopped'}"
+  code, out = _main(capsys, *argv, workdir, f"--stop_at={first + 2}")
+  assert code == 0, out.err[-3000:]
+  assert f"[shrink] stopped at step {first + 2}" in out.out
+  # The checkpoint of the 60-step shrink run is refused by a 30-step one (the MLP's
+  # constant learning rate lets `steps` change; its pruning schedule may not).
+  code, out = _main(capsys, *TINY_MLP, "--chunk=7", "--rounds=1", workdir)
+  assert code == 2
+  assert "'start_step': 6" in out.err and "'start_step': 3" in out.err, out.err[-2000:]
+  assert "--steps_factor" in out.err
+  code, out = _main(capsys, *argv, workdir)
+  assert code == 0, out.err[-3000:]
+  resumed = json.loads(out.out.strip().splitlines()[-1])
+  assert [c["step"] for c in resumed["compactions"]] == [second]
+  for key in ("shrink_accuracy", "widths_after", "shrink_steps", "dense_accuracy"):
+    assert resumed[key] == straight[key], key
+
+
 @pytest.mark.parametrize("factor", ["0", "-1", "0.001"])
 def test_cli_rejects_a_steps_factor_without_steps(capsys, factor):
   code, out = _main(capsys, *TINY_MLP, f"--steps_factor={factor}")
