@@ -22,8 +22,14 @@ to the nearest float16:
   (int8); always >= 0, int4 code -8 only reached by clipping. For int8 both rules
   are the same.
 
-Codes are ``round(w / scale)`` (half to even) clipped to the code range; a group
-of zeros gets scale 0 and codes 0.
+Codes are ``round(w / scale)`` (half to even) with the stored float16 ``scale``,
+clipped to the code range: the nearest points of the grid the file holds. ggml's
+reference quantiser divides by the float32 scale before rounding it to float16;
+the two agree on the extreme codes (127, -8) wherever the scale is a normal
+float16, but a scale below 2^-14 (subnormal: an int8 group with max |w|
+under 7.8e-3) is rounded by up to a few tenths of a percent, and there the largest
+weight may get 126, nearer to it than ggml's 127. A group of zeros gets scale 0
+and codes 0.
 
 Quantisers:
 
