@@ -604,10 +604,9 @@ def run(args, config, out=None) -> dict:
     for i, lo in enumerate(range(0, last_step, args.chunk)):
       hi = min(lo + args.chunk, last_step)
       for r in runs if i % 2 == 0 else runs[::-1]:
-        if r.step < min(hi, int(r.config.steps)):
-          r.advance(
-            min(hi, int(r.config.steps)), stop_at=args.stop_at if r.name == "shrink" else None
-          )
+        until = min(hi, int(r.config.steps))
+        if r.step < until:
+          r.advance(until, stop_at=args.stop_at if r.name == "shrink" else None)
       if (i + 1) % 10 == 0 or hi == last_step:
         say(
           f"[shrink] step {hi}: "

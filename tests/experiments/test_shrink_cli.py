@@ -115,7 +115,7 @@ def test_cli_steps_factor_trains_the_shrink_run_longer_and_leaves_dense_alone(ca
   assert longer["widths_after"] == plain["widths_after"] == [4, 2]
   # Dense trains its own 30 steps either way: the same accuracy to the digit.
   assert longer["dense_accuracy"] == plain["dense_accuracy"]
-  # Twice the steps of a model that ends smaller than dense: FLOP ratio below 1, above 0.
+  # Twice the shrink run's steps against the same dense run: a lower FLOP ratio.
   assert 0.0 < longer["ideal_speedup_flops"] < plain["ideal_speedup_flops"]
 
 
