@@ -129,6 +129,27 @@ def resized(model, widths: Sequence[int]):
 
 
 SCORES = ("magnitude", "bn_scale")
+RANKINGS = ("layer", "global")
+
+
+def check_global_ranking(params, names: Sequence[str], score: str) -> None:
+  """`--ranking=global` compares units across layers: only |BatchNorm scale| is
+  comparable there (kernel norms depend on fan-in and, under BatchNorm, mean
+  nothing), so it needs `--score=bn_scale` and a BatchNorm after every pruned layer."""
+  if score != "bn_scale":
+    raise train.ConfigError(
+      f"--ranking=global needs --score=bn_scale (got --score={score}): kernel norms of "
+      "different layers are not comparable"
+    )
+  order = infer_layers(params)
+  for n in names:
+    i = order.index(n)
+    after = order[i + 1] if i + 1 < len(order) else None
+    if after is None or "scale" not in params[after]:
+      raise train.ConfigError(
+        f"--ranking=global: layer {n!r} has no BatchNorm scale after it to rank its units "
+        "by; use --layers=conv or --ranking=layer"
+      )
 
 
 def shrink_algorithm(
@@ -139,20 +160,29 @@ def shrink_algorithm(
   sparsity_type: str,
   score: str = "magnitude",
   layers: str = "hidden",
+  ranking: str = "layer",
 ):
   """Tied gradual pruning of the units of every hidden layer (or of the Conv
   layers only, `layers="conv"`), ranked by the L2 norm of their kernel
   (`score="magnitude"`) or, for a layer followed by a BatchNorm, by the absolute
   BatchNorm scale (`"bn_scale"`, network slimming, Liu et al. 2017;
-  `jaxprune.shrink.score_by_batchnorm_scale`)."""
+  `jaxprune.shrink.score_by_batchnorm_scale`). `ranking="layer"` removes
+  `target` of each layer's units (`gradual_magnitude`); `"global"` removes
+  `target` of all their units on one threshold, network slimming's global
+  ranking of |BatchNorm scale| (`global_magnitude` with neuron/channel units;
+  each layer keeps at least one unit)."""
   if score not in SCORES:
     raise ValueError(f"--score={score!r}: expected one of {', '.join(SCORES)}")
+  if ranking not in RANKINGS:
+    raise ValueError(f"--ranking={ranking!r}: expected one of {', '.join(RANKINGS)}")
   steps = int(config.steps)
   start, end = (int(round(f * steps)) for f in schedule)
   names = pruned_layers(params, layers)
+  if ranking == "global":
+    check_global_ranking(params, names, score)
   include = "^(" + "|".join(re.escape(n) for n in names) + ")/kernel$"
   algo = jaxprune.create(
-    "gradual_magnitude",
+    "gradual_magnitude" if ranking == "layer" else "global_magnitude",
     sparsity=float(target),
     sparsity_type=sparsity_type,
     include=include,
@@ -162,7 +192,8 @@ def shrink_algorithm(
   )
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
-  return shrink.tie_units(algo)._replace(config={**algo.config, "score": score, "layers": layers})
+  config = {**algo.config, "score": score, "layers": layers, "ranking": ranking}
+  return shrink.tie_units(algo)._replace(config=config)
 
 
 def shrink_run_config(config, steps_factor: float):
@@ -300,6 +331,7 @@ class Run:
       "update_every",
       "score",
       "layers",
+      "ranking",
     )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
@@ -321,15 +353,16 @@ class Run:
     meta = self.checkpointer.read_meta(step)
     ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
     saved = meta.get("shrink", {})
-    if "algorithm" in saved:  # checkpoints from before --score / --layers
-      saved["algorithm"] = {"score": "magnitude", "layers": "hidden", **saved["algorithm"]}
+    if "algorithm" in saved:  # checkpoints from before --score / --layers / --ranking
+      defaults = {"score": "magnitude", "layers": "hidden", "ranking": "layer"}
+      saved["algorithm"] = {**defaults, **saved["algorithm"]}
     recipe = self._recipe()
     for key in recipe:
       if saved.get(key) != recipe[key]:
         raise ckpt.ConfigMismatchError(
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
-          "--compact_at, --steps_factor, --sparsity_type, --score or --layers differ); use another --workdir"
+          "--compact_at, --steps_factor, --sparsity_type, --score, --layers or --ranking differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):
@@ -506,6 +539,13 @@ def parse_args(argv: Sequence[str]):
     help="unit ranking: kernel L2 norm, or |BatchNorm scale| where a BatchNorm follows",
   )
   p.add_argument(
+    "--ranking",
+    default="layer",
+    choices=RANKINGS,
+    help="remove --target of each layer's units, or of all pruned units on one global "
+    "threshold of |BatchNorm scale| (network slimming; needs --score=bn_scale)",
+  )
+  p.add_argument(
     "--steps_factor",
     type=float,
     default=1.0,
@@ -570,6 +610,7 @@ def run(args, config, out=None) -> dict:
     args.sparsity_type,
     args.score,
     args.layers,
+    args.ranking,
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, small_steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -591,7 +632,7 @@ def run(args, config, out=None) -> dict:
   checkpointer = ckpt.Checkpointer(args.workdir) if args.workdir else None
   say(
     f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity "
-    f"({args.layers} layers), schedule "
+    f"({args.layers} layers, {args.ranking} ranking by {args.score}), schedule "
     f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
     f"{algorithm.config['update_every']}, compactions after steps {compact_steps}, "
     f"{small_steps} steps (dense {steps}), seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
@@ -638,6 +679,7 @@ def run(args, config, out=None) -> dict:
     "sparsity_type": args.sparsity_type,
     "score": args.score,
     "layers": args.layers,
+    "ranking": args.ranking,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source) if trained else None,

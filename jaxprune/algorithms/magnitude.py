@@ -167,7 +167,15 @@ def global_magnitude(
   pruned entries (Frankle & Carbin 2019 prune globally for deep nets). One-shot
   at ``start_step``; when ``end_step > start_step`` the total follows the
   Zhu & Gupta cubic schedule instead, updated every ``update_every`` steps.
-  ``distribution`` does not apply; ``sparsity_type`` must be ``"unstructured"``.
+  ``distribution`` does not apply.
+
+  ``sparsity_type`` is ``"unstructured"`` or ``"neuron"``/``"channel"``: the
+  latter keeps the ``N - floor(s N)`` highest-scoring of all ``N`` units of the
+  pruned leaves, scored by their L2 norm (one global threshold over units:
+  network slimming, Liu et al. 2017, ranks BatchNorm scales this way, see
+  :func:`jaxprune.shrink.score_by_batchnorm_scale`). Every pruned leaf keeps at
+  least its best unit, so no layer is cut through; a target that keeps fewer
+  units than there are pruned leaves raises ValueError.
   """
   return _global("global_magnitude", global_magnitude, dict(locals()))
 
@@ -176,9 +184,11 @@ def _global(name, factory, given) -> base.Algorithm:
   """``global_magnitude`` under the name and typed signature of ``factory``."""
   cfg = config_lib.from_signature(name, factory, given)
   config_lib.require_sparsity("global_magnitude", cfg)
-  if cfg["sparsity_type"] != "unstructured":
+  pattern = structured.parse_sparsity_type(cfg["sparsity_type"])
+  units = isinstance(pattern, structured.Units)
+  if not (units or isinstance(pattern, structured.Unstructured)):
     raise ValueError(
-      "global_magnitude: sparsity_type must be 'unstructured' "
+      f"{name}: sparsity_type must be 'unstructured', 'neuron' or 'channel' "
       f"(one threshold across leaves), got {cfg['sparsity_type']!r}"
     )
   t0 = cfg["start_step"]
@@ -191,9 +201,12 @@ def _global(name, factory, given) -> base.Algorithm:
     leaves, treedef = jax.tree.flatten(scores)
     sel = jax.tree.leaves(pruned)
     chosen = [x for x, c in zip(leaves, sel) if c]
-    total = sum(math.prod(jnp.shape(x)) for x in chosen)
-    keep = schedules.polynomial_keep_count(total, 0.0, s, schedules.progress(step, t0, t1))
-    kept = iter(topk.topk_masks(chosen, keep))
+    frac = schedules.progress(step, t0, t1)
+    if units:
+      kept = iter(_global_unit_masks(name, pattern, cfg["axis"], chosen, s, frac))
+    else:
+      total = sum(math.prod(jnp.shape(x)) for x in chosen)
+      kept = iter(topk.topk_masks(chosen, schedules.polynomial_keep_count(total, 0.0, s, frac)))
     old = jax.tree.leaves(masks)
     return jax.tree.unflatten(treedef, [next(kept) if c else m for c, m in zip(sel, old)]), state
 
@@ -214,6 +227,41 @@ def _global(name, factory, given) -> base.Algorithm:
     flops_schedule=training_cost.pruned_on_updates(is_update, lambda u, s: s * progress(u)),
     family="magnitude",
   )
+
+
+def _global_unit_masks(name, pattern, axis, scores, s, frac) -> list:
+  """Masks of the units with the highest L2 score norm over all ``scores`` leaves.
+
+  The kept count follows the cubic schedule of the total unit count. The best
+  unit of every leaf ranks first (+inf), so each leaf keeps at least one unit
+  while the rest compete on one threshold; removed units (-inf) never return.
+  """
+  axes = [pattern.resolve_axis(jnp.ndim(x), axis) for x in scores]
+  keys = []
+  for x, ax in zip(scores, axes):
+    other = tuple(i for i in range(jnp.ndim(x)) if i != ax)
+    key = structured._group_key(
+      x,
+      lambda y: jnp.sqrt(jnp.sum(jnp.square(y), axis=other)),
+      lambda y: jnp.any(y, axis=other),
+    )
+    best = jnp.argmax(structured._rank_key(key))
+    keys.append(key.at[best].set(jnp.inf))
+  total = sum(int(k.shape[0]) for k in keys)
+  final = topk.keep_count(total, s)
+  if final < len(keys):
+    raise ValueError(
+      f"{name}: sparsity={s} keeps {final} of the {total} units of {len(keys)} pruned leaves; "
+      "every leaf keeps at least one unit (lower the sparsity or prune fewer leaves)"
+    )
+  keep = schedules.polynomial_keep_count(total, 0.0, s, frac)
+  kept = topk.topk_masks(keys, keep)
+  out = []
+  for x, ax, k in zip(scores, axes, kept):
+    shape = [1] * jnp.ndim(x)
+    shape[ax] = jnp.shape(x)[ax]
+    out.append(jnp.broadcast_to(k.reshape(shape), jnp.shape(x)))
+  return out
 
 
 def _nm_ramp(cfg, params, masks, pruned, frac):

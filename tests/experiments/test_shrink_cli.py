@@ -99,6 +99,37 @@ def test_cli_conv_layers_shrink_channels_and_keep_the_dense_hidden_layer(capsys)
   assert 0.1 < result["final_params_ratio"] < 0.5
 
 
+def test_cli_global_ranking_keeps_a_quarter_of_all_conv_channels(capsys, tmp_path):
+  argv = [*TINY, "--chunk=10", "--rounds=1", "--layers=conv", "--score=bn_scale"]
+  workdir = f"--workdir={tmp_path}"
+  code, out = _main(capsys, *argv, "--skip_dense", "--ranking=global", workdir)
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["ranking"] == "global" and "global ranking by bn_scale" in out.out
+  conv = result["widths_after"][:2]
+  # One threshold over the 4 + 8 channels: 12 - floor(0.75 * 12) = 3 kept, >= 1 per conv.
+  assert sum(conv) == 3 and min(conv) >= 1, conv
+  assert result["widths_after"][2] == 16
+  assert [c["step"] for c in result["compactions"]] == [15, 25]
+  # The finished run's checkpoint is refused by a per-layer run, naming the ranking.
+  code, out = _main(capsys, *argv, "--skip_dense", "--ranking=layer", workdir)
+  assert code == 2
+  assert "'ranking': 'global'" in out.err and "--ranking" in out.err, out.err[-2000:]
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (["--layers=conv"], "--ranking=global needs --score=bn_scale (got --score=magnitude)"),
+    (["--score=bn_scale"], "layer 'Dense_0' has no BatchNorm scale after it"),
+  ],
+)
+def test_cli_global_ranking_needs_batchnorm_scales(capsys, extra, message):
+  code, out = _main(capsys, *TINY, "--ranking=global", *extra)
+  assert code == 2
+  assert message in out.err, out.err[-2000:]
+
+
 def test_cli_steps_factor_trains_the_shrink_run_longer_and_leaves_dense_alone(capsys):
   code, out = _main(capsys, *TINY_MLP, "--chunk=7", "--rounds=1")
   assert code == 0, out.err[-3000:]

@@ -7,7 +7,8 @@ accepts, the distribution and sparsity, and params and gradients holding NaN,
 eagerly from the same inputs:
 
 * exact kept counts once the schedule is done (``G - floor(s G)`` groups per
-  leaf, N per group of M, ``N - floor(s N)`` jointly for global algorithms);
+  leaf, N per group of M, ``N - floor(s N)`` entries jointly for global
+  algorithms, or units jointly and at least one per leaf for global neuron);
 * masks only shrink for the pruning family; SET/RigL active counts constant;
 * every pruned entry whose parameter was finite before the step is exactly 0.0
   after it (an additive update cannot zero NaN or inf);
@@ -146,6 +147,10 @@ def _expected_kept(name, stype, sparsity, distribution, params, masks):
   """Kept entries per pruned leaf (or in total for global algorithms), by the rule."""
   leaves = jax.tree.leaves(params)
   pruned = [np.ndim(m) > 0 for m in jax.tree.leaves(masks)]
+  if name in GLOBAL and stype == "neuron":  # units kept jointly; every leaf keeps one
+    return keep_count(
+      sum(group_count(np.shape(p), stype) for p, sel in zip(leaves, pruned) if sel), sparsity
+    )
   if name in GLOBAL:
     n = sum(int(np.size(p)) for p, sel in zip(leaves, pruned) if sel)
     return keep_count(n, sparsity)
@@ -245,6 +250,16 @@ def _check_invariants(combo, sparsity, distribution, inner, kind, seed, special_
       if family == "fixed":
         expected = initial
       got = sum(kept) if name in GLOBAL else kept
+      if name in GLOBAL and stype == "neuron":  # whole units, at least one per leaf
+        units = [
+          np.asarray(m).reshape(-1, np.shape(m)[-1])
+          for m in jax.tree.leaves(new_masks)
+          if np.ndim(m) > 0
+        ]
+        assert all(np.all(u == u[:1]) for u in units), f"step {t}: a unit is partly kept"
+        per_leaf = [int(u[0].sum()) for u in units]
+        assert min(per_leaf) >= 1, f"step {t}: a leaf lost every unit {per_leaf}"
+        got = sum(per_leaf)
       assert got == expected, f"step {t}: kept {got}, the rule gives {expected}"
       if stype == "2:4":  # and exactly 2 of every group of 4 along the input axis
         for m in jax.tree.leaves(new_masks):

@@ -195,3 +195,71 @@ def test_structured_replace_non_finite_never_wins(stype, case, seed, bad_rate):
     dropped, kept = active & ~after, active & after
     if np.any(kept & w_nan):
       assert not np.any(dropped & ~w_nan), "a NaN weight was kept over a finite one"
+
+
+def _units(norms_per_unit, rows=3):
+  """A kernel of ``rows`` rows whose unit ``j`` has L2 norm ``norms_per_unit[j]``."""
+  norms = np.asarray(norms_per_unit, np.float32)
+  return jnp.asarray(np.broadcast_to(norms / math.sqrt(rows), (rows, norms.size)).copy())
+
+
+def _kept_units(mask):
+  m = np.asarray(mask)
+  u = m.reshape(-1, m.shape[-1])
+  assert np.all(u == u[:1]), "a unit is partly kept"
+  return np.flatnonzero(u[0]).tolist()
+
+
+@pytest.mark.parametrize("name", ["global_magnitude", "global_saliency"])
+def test_global_channels_keep_the_top_units_of_all_layers_and_one_per_layer(name):
+  # Units of a rank below every unit of b: one global threshold would empty a, so a
+  # keeps its best unit and b its 4 best (5 of the 10 units in all).
+  params = {
+    "a": {"kernel": _units([1, 4, 2, 3])},
+    "b": {"kernel": _units([10, 60, 30, 50, 20, 40])},
+  }
+  algo = jaxprune.create(name, sparsity=0.5, sparsity_type="channel", include=".*kernel")
+  grads = jax.tree.map(jnp.ones_like, params)  # saliency |w g| ranks as |w|
+  masks, state = algo.init(params)
+  masks, _ = jax.jit(algo.update)(0, params, grads, masks, state)
+  assert _kept_units(masks["a"]["kernel"]) == [1]
+  assert _kept_units(masks["b"]["kernel"]) == [1, 2, 3, 5]  # 60, 30, 50, 40
+
+
+def test_global_channels_follow_the_cubic_schedule_of_the_total_and_only_shrink():
+  rng = np.random.default_rng(0)
+  params = {
+    "c1": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 8)), jnp.float32)},
+    "c2": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)},
+  }
+  algo = jaxprune.create(
+    "global_magnitude", sparsity=0.75, sparsity_type="channel", include=".*kernel",
+    start_step=0, end_step=10, update_every=5,
+  )  # fmt: skip
+  masks, state = algo.init(params)
+  update = jax.jit(algo.update)
+  totals, before = [], None
+  for step in (0, 5, 10):
+    masks, state = update(step, params, params, masks, state)
+    units = [set(_kept_units(masks[k]["kernel"])) for k in ("c1", "c2")]
+    if before is not None:
+      assert all(u <= b for u, b in zip(units, before)), "a removed unit came back"
+    totals.append(sum(map(len, units)))
+    assert min(map(len, units)) >= 1
+    before = units
+  # 24 units: none removed at the start, 24 - floor(0.75 * 24 * (1 - 0.5^3)) midway, 6 at the end.
+  assert totals == [24, 24 - math.floor(18 * (1 - 0.5**3)), 6]
+
+
+def test_global_channels_refuse_a_target_below_one_unit_per_layer():
+  params = {"a": {"kernel": _units([1, 2])}, "b": {"kernel": _units([3, 4])}}
+  algo = jaxprune.create("global_magnitude", sparsity=0.8, sparsity_type="neuron", include=".*")
+  masks, state = algo.init(params)
+  with pytest.raises(ValueError, match="keeps 1 of the 4 units of 2 pruned leaves"):
+    algo.update(0, params, params, masks, state)
+
+
+@pytest.mark.parametrize("stype", ["2:4", "block:2x2"])
+def test_global_magnitude_names_the_unsupported_sparsity_type(stype):
+  with pytest.raises(ValueError, match=f"global_magnitude: sparsity_type must be .*{stype}"):
+    jaxprune.create("global_magnitude", sparsity=0.5, sparsity_type=stype)
