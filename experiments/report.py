@@ -322,7 +322,23 @@ SHRINK_VARIANTS = {
     "Conv layers only, schedule 5% to 35%, shrink run trained 1.5x the steps (6000; dense "
     "4000) (`--layers=conv --schedule=0.05,0.35 --steps_factor=1.5`)",
   ),
+  "conv_early_bn": (
+    "shrink/fmnist_cnn_c75_conv_bn_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| per layer "
+    "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale`)",
+  ),
+  "conv_early_global": (
+    "shrink/fmnist_cnn_c75_conv_global_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| on one threshold over both convs "
+    "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale --ranking=global`)",
+  ),
 }
+
+
+def _widths(rows) -> str:
+  """The final hidden widths, once if every seed has the same, else per seed."""
+  each = ["-".join(str(w) for w in r["widths_after"]) for r in rows]
+  return each[0] if len(set(each)) == 1 else ", ".join(each)
 
 
 def shrink_cnn() -> str:
@@ -347,6 +363,7 @@ def shrink_cnn() -> str:
         ", ".join(str(r["seed"]) for r in rows),
         _spread(acc),
         _spread(diff, "{:+.2f}"),
+        _widths(rows),
         _spread([100 * r["final_params_ratio"] for r in rows], "{:.1f}"),
         speed,
         _spread(tail) if tail else "-",
@@ -361,6 +378,7 @@ def shrink_cnn() -> str:
     "seeds",
     "shrink acc (%)",
     "vs dense (points)",
+    "final widths",
     "final params (%)",
     "speedup_wall",
     "step speedup after last compaction",
