@@ -325,7 +325,9 @@ SHRINK_VARIANTS = {
   "conv_early_bn": (
     "shrink/fmnist_cnn_c75_conv_bn_sched05_35.jsonl",
     "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| per layer "
-    "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale`)",
+    "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale`; `--skip_dense`, paired with "
+    "the dense runs of the `--layers=conv --schedule=0.05,0.35` row)",
+    "shrink/fmnist_cnn_c75_conv_sched05_35.jsonl",
   ),
   "conv_early_global": (
     "shrink/fmnist_cnn_c75_conv_global_sched05_35.jsonl",
@@ -344,15 +346,17 @@ def _widths(rows) -> str:
 def shrink_cnn() -> str:
   """fmnist_cnn at 75% channels, one row per variant, medians [min, max] over
   seeds. A `--skip_dense` run is paired with the dense run of its seed in the
-  default variant's file (deterministic on CPU: same seed, data order, steps)."""
+  variant's third entry, else in the default variant's file (deterministic on
+  CPU: same seed, data order, steps)."""
   dense = {r["seed"]: r for r in _jsonl(SHRINK_VARIANTS["magnitude"][0])}
   out = []
-  for name, label in SHRINK_VARIANTS.values():
+  for name, label, *paired in SHRINK_VARIANTS.values():
     if not os.path.exists(os.path.join(RESULTS, name)):
       continue
     rows = _jsonl(name)
     acc = [100 * r["shrink_accuracy"] for r in rows]
-    base = lambda r: r["dense_accuracy"] or dense[r["seed"]]["dense_accuracy"]
+    pairs = {r["seed"]: r for r in _jsonl(paired[0])} if paired else dense
+    base = lambda r: r["dense_accuracy"] or pairs[r["seed"]]["dense_accuracy"]
     diff = [100 * (r["shrink_accuracy"] - base(r)) for r in rows]
     timed = [r for r in rows if r["speedup_wall"] is not None]
     speed = _spread([r["speedup_wall"] for r in timed]) if timed else "not timed"
