@@ -101,10 +101,12 @@ def hidden_layers(params) -> list[str]:
 LAYERS = ("hidden", "conv")
 
 
-def pruned_layers(params, layers: str = "hidden") -> list[str]:
+def pruned_layers(params, layers: str = "hidden", keep_whole: Sequence[str] = ()) -> list[str]:
   """The layers whose units shrink: every hidden layer (`"hidden"`), or only the
   convolutions (`"conv"`: channel sparsity in the strict sense; Dense hidden
-  layers keep their width)."""
+  layers keep their width), less the layers named in `keep_whole` (e.g. the
+  first conv, which sparse-training papers leave dense: Gale et al. 2019,
+  Evci et al. 2020)."""
   if layers not in LAYERS:
     raise ValueError(f"--layers={layers!r}: expected one of {', '.join(LAYERS)}")
   names = hidden_layers(params)
@@ -112,6 +114,15 @@ def pruned_layers(params, layers: str = "hidden") -> list[str]:
     names = [n for n in names if np.ndim(params[n]["kernel"]) > 2]
     if not names:
       raise train.ConfigError("--layers=conv: the model has no hidden Conv layer")
+  for name in keep_whole:
+    if name not in names:
+      raise train.ConfigError(
+        f"--keep_whole={name!r} is not one of the layers --layers={layers} shrinks: "
+        f"{', '.join(names)}"
+      )
+  names = [n for n in names if n not in keep_whole]
+  if not names:
+    raise train.ConfigError(f"--keep_whole keeps every layer --layers={layers} would shrink")
   return names
 
 
@@ -161,6 +172,7 @@ def shrink_algorithm(
   score: str = "magnitude",
   layers: str = "hidden",
   ranking: str = "layer",
+  keep_whole: Sequence[str] = (),
 ):
   """Tied gradual pruning of the units of every hidden layer (or of the Conv
   layers only, `layers="conv"`), ranked by the L2 norm of their kernel
@@ -177,7 +189,7 @@ def shrink_algorithm(
     raise ValueError(f"--ranking={ranking!r}: expected one of {', '.join(RANKINGS)}")
   steps = int(config.steps)
   start, end = (int(round(f * steps)) for f in schedule)
-  names = pruned_layers(params, layers)
+  names = pruned_layers(params, layers, keep_whole)
   if ranking == "global":
     check_global_ranking(params, names, score)
   include = "^(" + "|".join(re.escape(n) for n in names) + ")/kernel$"
@@ -193,6 +205,7 @@ def shrink_algorithm(
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
   config = {**algo.config, "score": score, "layers": layers, "ranking": ranking}
+  config["keep_whole"] = list(keep_whole)
   return shrink.tie_units(algo)._replace(config=config)
 
 
@@ -332,6 +345,7 @@ class Run:
       "score",
       "layers",
       "ranking",
+      "keep_whole",
     )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
@@ -354,7 +368,7 @@ class Run:
     ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
     saved = meta.get("shrink", {})
     if "algorithm" in saved:  # checkpoints from before --score / --layers / --ranking
-      defaults = {"score": "magnitude", "layers": "hidden", "ranking": "layer"}
+      defaults = {"score": "magnitude", "layers": "hidden", "ranking": "layer", "keep_whole": []}
       saved["algorithm"] = {**defaults, **saved["algorithm"]}
     recipe = self._recipe()
     for key in recipe:
@@ -362,7 +376,7 @@ class Run:
         raise ckpt.ConfigMismatchError(
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
-          "--compact_at, --steps_factor, --sparsity_type, --score, --layers or --ranking differ); use another --workdir"
+          "--compact_at, --steps_factor, --sparsity_type, --score, --layers, --ranking or --keep_whole differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):
@@ -539,6 +553,11 @@ def parse_args(argv: Sequence[str]):
     help="unit ranking: kernel L2 norm, or |BatchNorm scale| where a BatchNorm follows",
   )
   p.add_argument(
+    "--keep_whole",
+    default="",
+    help="comma-separated layers (e.g. Conv_0) that --layers would shrink but keep every unit",
+  )
+  p.add_argument(
     "--ranking",
     default="layer",
     choices=RANKINGS,
@@ -572,6 +591,7 @@ def parse_args(argv: Sequence[str]):
   if not 0.0 < args.target < 1.0:
     raise train.ConfigError(f"--target must be in (0, 1), got {args.target}")
   args.compact_at = _fractions(args.compact_at, "--compact_at")
+  args.keep_whole = tuple(n.strip() for n in args.keep_whole.split(",") if n.strip())
   args.schedule = _fractions(args.schedule, "--schedule")
   if len(args.schedule) != 2 or not 0.0 <= args.schedule[0] < args.schedule[1] <= 1.0:
     raise train.ConfigError(
@@ -611,6 +631,7 @@ def run(args, config, out=None) -> dict:
     args.score,
     args.layers,
     args.ranking,
+    args.keep_whole,
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, small_steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -632,7 +653,9 @@ def run(args, config, out=None) -> dict:
   checkpointer = ckpt.Checkpointer(args.workdir) if args.workdir else None
   say(
     f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity "
-    f"({args.layers} layers, {args.ranking} ranking by {args.score}), schedule "
+    f"({args.layers} layers"
+    + (f" but {', '.join(args.keep_whole)}" if args.keep_whole else "")
+    + f", {args.ranking} ranking by {args.score}), schedule "
     f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
     f"{algorithm.config['update_every']}, compactions after steps {compact_steps}, "
     f"{small_steps} steps (dense {steps}), seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
@@ -680,6 +703,7 @@ def run(args, config, out=None) -> dict:
     "score": args.score,
     "layers": args.layers,
     "ranking": args.ranking,
+    "keep_whole": list(args.keep_whole),
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source) if trained else None,

@@ -117,6 +117,32 @@ def test_cli_global_ranking_keeps_a_quarter_of_all_conv_channels(capsys, tmp_pat
   assert "'ranking': 'global'" in out.err and "--ranking" in out.err, out.err[-2000:]
 
 
+def test_cli_keep_whole_spares_the_first_conv(capsys):
+  argv = [*TINY, "--chunk=10", "--rounds=1", "--skip_dense", "--layers=conv"]
+  code, out = _main(capsys, *argv, "--keep_whole=Conv_0")
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["keep_whole"] == ["Conv_0"] and "conv layers but Conv_0" in out.out
+  assert result["widths_after"] == [4, 2, 16]  # only the second conv loses 75%
+  assert [c["step"] for c in result["compactions"]] == [15, 25]
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (
+      ["--keep_whole=Dense_0"],
+      "--keep_whole='Dense_0' is not one of the layers --layers=conv shrinks: Conv_0, Conv_1",
+    ),
+    (["--keep_whole=Conv_0,Conv_1"], "--keep_whole keeps every layer --layers=conv would shrink"),
+  ],
+)
+def test_cli_keep_whole_names_a_layer_that_is_not_shrunk(capsys, extra, message):
+  code, out = _main(capsys, *TINY, "--layers=conv", *extra)
+  assert code == 2
+  assert message in out.err, out.err[-2000:]
+
+
 @pytest.mark.parametrize(
   "extra, message",
   [
