@@ -334,6 +334,11 @@ SHRINK_VARIANTS = {
     "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| on one threshold over both convs "
     "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale --ranking=global`)",
   ),
+  "conv2_early": (
+    "shrink/fmnist_cnn_c75_conv2_sched05_35.jsonl",
+    "second conv only (first conv kept whole, so 50% of all conv channels), 5% to 35% "
+    "(`--layers=conv --keep_whole=Conv_0 --schedule=0.05,0.35`)",
+  ),
 }
 
 
