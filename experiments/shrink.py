@@ -204,9 +204,8 @@ def shrink_algorithm(
   )
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
-  config = {**algo.config, "score": score, "layers": layers, "ranking": ranking}
-  config["keep_whole"] = list(keep_whole)
-  return shrink.tie_units(algo)._replace(config=config)
+  extra = dict(score=score, layers=layers, ranking=ranking, keep_whole=list(keep_whole))
+  return shrink.tie_units(algo)._replace(config={**algo.config, **extra})
 
 
 def shrink_run_config(config, steps_factor: float):

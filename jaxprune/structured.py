@@ -601,18 +601,29 @@ def unit_mask_from_scores(scores: jax.Array, sparsity, axis: int = -1, *, keep=N
   return _unit_impl(scores, k, ax)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _unit_impl(scores, k, ax):
-  other = tuple(i for i in range(scores.ndim) if i != ax)
-  norms = _group_key(
+def unit_rank_keys(scores: jax.Array, ax: int) -> jax.Array:
+  """One ranking key per unit (slice along ``ax``): the L2 norm of its scores,
+  -inf for a unit holding an excluded (-inf) entry, the lowest finite float32
+  for one holding a NaN (:func:`_group_key`)."""
+  other = tuple(i for i in range(jnp.ndim(scores)) if i != ax)
+  return _group_key(
     scores,
     lambda y: jnp.sqrt(jnp.sum(jnp.square(y), axis=other)),
     lambda y: jnp.any(y, axis=other),
   )
-  keep = _keep_highest(norms, k)
-  shape = [1] * scores.ndim
-  shape[ax] = scores.shape[ax]
-  return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+
+
+def units_to_entries(keep: jax.Array, shape: Sequence[int], ax: int) -> jax.Array:
+  """A per-unit mask along ``ax`` broadcast to every entry of ``shape``."""
+  along = [1] * len(shape)
+  along[ax] = shape[ax]
+  return jnp.broadcast_to(keep.reshape(along), tuple(shape))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _unit_impl(scores, k, ax):
+  keep = _keep_highest(unit_rank_keys(scores, ax), k)
+  return units_to_entries(keep, scores.shape, ax)
 
 
 def structured_mask(

@@ -239,14 +239,8 @@ def _global_unit_masks(name, pattern, axis, scores, s, frac) -> list:
   axes = [pattern.resolve_axis(jnp.ndim(x), axis) for x in scores]
   keys = []
   for x, ax in zip(scores, axes):
-    other = tuple(i for i in range(jnp.ndim(x)) if i != ax)
-    key = structured._group_key(
-      x,
-      lambda y: jnp.sqrt(jnp.sum(jnp.square(y), axis=other)),
-      lambda y: jnp.any(y, axis=other),
-    )
-    best = jnp.argmax(structured._rank_key(key))
-    keys.append(key.at[best].set(jnp.inf))
+    key = structured.unit_rank_keys(x, ax)  # NaN already mapped below every real norm
+    keys.append(key.at[jnp.argmax(key)].set(jnp.inf))
   total = sum(int(k.shape[0]) for k in keys)
   final = topk.keep_count(total, s)
   if final < len(keys):
@@ -256,12 +250,7 @@ def _global_unit_masks(name, pattern, axis, scores, s, frac) -> list:
     )
   keep = schedules.polynomial_keep_count(total, 0.0, s, frac)
   kept = topk.topk_masks(keys, keep)
-  out = []
-  for x, ax, k in zip(scores, axes, kept):
-    shape = [1] * jnp.ndim(x)
-    shape[ax] = jnp.shape(x)[ax]
-    out.append(jnp.broadcast_to(k.reshape(shape), jnp.shape(x)))
-  return out
+  return [structured.units_to_entries(k, jnp.shape(x), ax) for x, ax, k in zip(scores, axes, kept)]
 
 
 def _nm_ramp(cfg, params, masks, pruned, frac):
