@@ -70,6 +70,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jaxprune
 from experiments import checkpoint as ckpt
@@ -143,6 +144,22 @@ SCORES = ("magnitude", "bn_scale")
 RANKINGS = ("layer", "global")
 
 
+def batchnorms_after(params, names: Sequence[str], flag: str, hint: str) -> list[str]:
+  """The BatchNorm after each of `names` (the layer whose scales rank its units);
+  a ConfigError naming `flag` and the layer where there is none."""
+  order = infer_layers(params)
+  out = []
+  for n in names:
+    i = order.index(n)
+    after = order[i + 1] if i + 1 < len(order) else None
+    if after is None or "scale" not in params[after]:
+      raise train.ConfigError(
+        f"{flag}: layer {n!r} has no BatchNorm scale after it to rank its units by; {hint}"
+      )
+    out.append(after)
+  return out
+
+
 def check_global_ranking(params, names: Sequence[str], score: str) -> None:
   """`--ranking=global` compares units across layers: only |BatchNorm scale| is
   comparable there (kernel norms depend on fan-in and, under BatchNorm, mean
@@ -152,15 +169,26 @@ def check_global_ranking(params, names: Sequence[str], score: str) -> None:
       f"--ranking=global needs --score=bn_scale (got --score={score}): kernel norms of "
       "different layers are not comparable"
     )
-  order = infer_layers(params)
-  for n in names:
-    i = order.index(n)
-    after = order[i + 1] if i + 1 < len(order) else None
-    if after is None or "scale" not in params[after]:
-      raise train.ConfigError(
-        f"--ranking=global: layer {n!r} has no BatchNorm scale after it to rank its units "
-        "by; use --layers=conv or --ranking=layer"
-      )
+  batchnorms_after(params, names, "--ranking=global", "use --layers=conv or --ranking=layer")
+
+
+def bn_l1_penalty(algorithm) -> optax.GradientTransformation | None:
+  """Network slimming's sparsity term for the shrink run, or None (`bn_l1` 0).
+
+  `bn_l1 * sign(gamma)` added to the gradients of the scales of the BatchNorms
+  after the pruned layers (`jaxprune.regularizers.add_l1_subgradient`; Liu et al.
+  2017, whose reference code uses 1e-4) while the pruning schedule runs, 0 from its
+  end step on: train with the penalty, prune, fine-tune without it, as the paper.
+  """
+  cfg = algorithm.config if algorithm is not None else {}
+  lam = float(cfg.get("bn_l1") or 0.0)
+  if lam == 0.0:
+    return None
+  end = int(cfg["end_step"])
+  include = "^(" + "|".join(re.escape(n) for n in cfg["bn_l1_layers"]) + ")/scale$"
+  return jaxprune.regularizers.add_l1_subgradient(
+    lambda count: jnp.where(count < end, lam, 0.0), include
+  )
 
 
 def shrink_algorithm(
@@ -173,6 +201,7 @@ def shrink_algorithm(
   layers: str = "hidden",
   ranking: str = "layer",
   keep_whole: Sequence[str] = (),
+  bn_l1: float = 0.0,
 ):
   """Tied gradual pruning of the units of every hidden layer (or of the Conv
   layers only, `layers="conv"`), ranked by the L2 norm of their kernel
@@ -182,7 +211,9 @@ def shrink_algorithm(
   `target` of each layer's units (`gradual_magnitude`); `"global"` removes
   `target` of all their units on one threshold, network slimming's global
   ranking of |BatchNorm scale| (`global_magnitude` with neuron/channel units;
-  each layer keeps at least one unit)."""
+  each layer keeps at least one unit). `bn_l1 > 0` adds network slimming's L1
+  term on those BatchNorm scales while pruning runs (`bn_l1_penalty`; needs
+  `score="bn_scale"`)."""
   if score not in SCORES:
     raise ValueError(f"--score={score!r}: expected one of {', '.join(SCORES)}")
   if ranking not in RANKINGS:
@@ -192,6 +223,14 @@ def shrink_algorithm(
   names = pruned_layers(params, layers, keep_whole)
   if ranking == "global":
     check_global_ranking(params, names, score)
+  bn_l1_layers = []
+  if bn_l1:
+    if score != "bn_scale":
+      raise train.ConfigError(
+        f"--bn_l1={bn_l1} penalises the BatchNorm scales that rank units: it needs "
+        f"--score=bn_scale (got --score={score})"
+      )
+    bn_l1_layers = batchnorms_after(params, names, f"--bn_l1={bn_l1}", "use --layers=conv")
   include = "^(" + "|".join(re.escape(n) for n in names) + ")/kernel$"
   algo = jaxprune.create(
     "gradual_magnitude" if ranking == "layer" else "global_magnitude",
@@ -204,7 +243,14 @@ def shrink_algorithm(
   )
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
-  extra = dict(score=score, layers=layers, ranking=ranking, keep_whole=list(keep_whole))
+  extra = dict(
+    score=score,
+    layers=layers,
+    ranking=ranking,
+    keep_whole=list(keep_whole),
+    bn_l1=float(bn_l1),
+    bn_l1_layers=bn_l1_layers,
+  )
   return shrink.tie_units(algo)._replace(config={**algo.config, **extra})
 
 
@@ -283,6 +329,9 @@ class Run:
 
   def _tx(self, algorithm):
     inner = common.optimizer(self.config, self.schedule)
+    penalty = bn_l1_penalty(self.algorithm)  # the run's, also once its masks are dropped
+    if penalty is not None:
+      inner = optax.chain(penalty, inner)
     if algorithm is None:
       return jaxprune.sparsify(inner, jaxprune.create("dense"))
     return jaxprune.sparsify(inner, algorithm)
@@ -345,6 +394,7 @@ class Run:
       "layers",
       "ranking",
       "keep_whole",
+      "bn_l1",
     )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
@@ -367,7 +417,13 @@ class Run:
     ckpt.check_resumable(meta, self.config, step, self.checkpointer.path(step))
     saved = meta.get("shrink", {})
     if "algorithm" in saved:  # checkpoints from before --score / --layers / --ranking
-      defaults = {"score": "magnitude", "layers": "hidden", "ranking": "layer", "keep_whole": []}
+      defaults = {
+        "score": "magnitude",
+        "layers": "hidden",
+        "ranking": "layer",
+        "keep_whole": [],
+        "bn_l1": 0.0,
+      }
       saved["algorithm"] = {**defaults, **saved["algorithm"]}
     recipe = self._recipe()
     for key in recipe:
@@ -375,7 +431,7 @@ class Run:
         raise ckpt.ConfigMismatchError(
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
-          "--compact_at, --steps_factor, --sparsity_type, --score, --layers, --ranking or --keep_whole differ); use another --workdir"
+          "--compact_at, --steps_factor, --sparsity_type, --score, --layers, --ranking, --keep_whole or --bn_l1 differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):
@@ -564,6 +620,13 @@ def parse_args(argv: Sequence[str]):
     "threshold of |BatchNorm scale| (network slimming; needs --score=bn_scale)",
   )
   p.add_argument(
+    "--bn_l1",
+    type=float,
+    default=0.0,
+    help="network slimming's L1 weight on the BatchNorm scales of the pruned layers, "
+    "added while pruning runs (the paper's 1e-4; needs --score=bn_scale)",
+  )
+  p.add_argument(
     "--steps_factor",
     type=float,
     default=1.0,
@@ -601,6 +664,8 @@ def parse_args(argv: Sequence[str]):
       f"--steps_factor must be > 0 and leave the shrink run at least one step, got "
       f"{args.steps_factor} (config.steps={config.steps})"
     )
+  if not args.bn_l1 >= 0.0:
+    raise train.ConfigError(f"--bn_l1 must be >= 0, got {args.bn_l1}")
   if args.chunk < 1:
     raise train.ConfigError(f"--chunk must be >= 1, got {args.chunk}")
   return args, config
@@ -631,6 +696,7 @@ def run(args, config, out=None) -> dict:
     args.layers,
     args.ranking,
     args.keep_whole,
+    args.bn_l1,
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, small_steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -654,7 +720,9 @@ def run(args, config, out=None) -> dict:
     f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity "
     f"({args.layers} layers"
     + (f" but {', '.join(args.keep_whole)}" if args.keep_whole else "")
-    + f", {args.ranking} ranking by {args.score}), schedule "
+    + f", {args.ranking} ranking by {args.score}"
+    + (f", L1 {args.bn_l1} on BatchNorm scales" if args.bn_l1 else "")
+    + "), schedule "
     f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
     f"{algorithm.config['update_every']}, compactions after steps {compact_steps}, "
     f"{small_steps} steps (dense {steps}), seed {config.seed}, {shd.describe(mesh)}, data {train_source!r}"
@@ -703,6 +771,7 @@ def run(args, config, out=None) -> dict:
     "layers": args.layers,
     "ranking": args.ranking,
     "keep_whole": list(args.keep_whole),
+    "bn_l1": args.bn_l1,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source) if trained else None,

@@ -10,6 +10,11 @@ Two ways to push weights toward (structured) sparsity during training:
   filter of a Conv kernel, i.e. one slice along the last axis -- as in
   structured sparsity learning (Wen et al. 2016, "Learning Structured Sparsity
   in Deep Neural Networks", NeurIPS).
+* :func:`add_l1_subgradient`, an optax transformation placed before the
+  optimizer that adds the L1 subgradient ``strength * sign(p)`` to the
+  gradients: the L1 term on the loss as network slimming trains it (Liu et al.
+  2017, "Learning Efficient Convolutional Networks through Network Slimming",
+  ICCV), on BatchNorm scales.
 * Proximal steps, optax transformations placed after the optimizer in a chain:
   :func:`prox_l1` (soft-thresholding) and :func:`prox_group_lasso` (group
   soft-thresholding). Unlike a (sub)gradient of the penalty, a proximal step
@@ -49,6 +54,8 @@ __all__ = [
   "prox_l1",
   "prox_group_lasso",
   "ProxState",
+  "add_l1_subgradient",
+  "L1SubgradientState",
   "soft_threshold",
   "group_soft_threshold",
 ]
@@ -188,3 +195,57 @@ def prox_group_lasso(
     params = optax.apply_updates(params, updates)
   """
   return _prox(group_soft_threshold, strength, include, "prox_group_lasso")
+
+
+class L1SubgradientState(NamedTuple):
+  """State of :func:`add_l1_subgradient`: the step count (for a ``strength`` schedule)."""
+
+  count: jax.Array
+
+
+def add_l1_subgradient(
+  strength: optax.ScalarOrSchedule, include: Include = None
+) -> optax.GradientTransformation:
+  """Adds ``strength * sign(params)`` to the selected leaves of the gradients.
+
+  The subgradient of ``strength * ||p||_1``, added to the gradient of the loss
+  before the optimizer -- ``optax.chain(add_l1_subgradient(1e-4, include),
+  optax.adam(1e-3))`` -- is the sparsity term of network slimming (Liu et al.
+  2017, "Learning Efficient Convolutional Networks through Network Slimming",
+  ICCV): its reference code adds ``s * sign(gamma)`` to the gradients of every
+  BatchNorm scale, ``s = 1e-4``, then steps the optimizer. The L1 analogue of
+  ``optax.add_decayed_weights``. An entry that is exactly zero gets nothing
+  (``sign(0) = 0``), so pruned entries stay zero. Leaves not selected by
+  ``include`` pass through unchanged.
+
+  Args:
+    strength: the L1 weight, or a schedule ``step -> weight`` (e.g. 0 once
+      pruning has ended, to fine-tune without the penalty).
+    include: which leaves (see the module docstring); for BatchNorm scales a
+      pattern such as ``r"^BatchNorm_\\d+/scale$"``.
+
+  Example::
+
+    tx = optax.chain(add_l1_subgradient(1e-4, r"BatchNorm_\\d+/scale$"), optax.adam(1e-3))
+    updates, state = tx.update(grads, state, params)   # params are required
+  """
+  pred = include_fn(include)
+
+  def init_fn(params):
+    del params
+    return L1SubgradientState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_l1_subgradient needs params: call tx.update(updates, state, params)")
+    t = strength(state.count) if callable(strength) else strength
+
+    def add(path, u, p):
+      if u is None or not pred(path_str(path), p):
+        return u
+      return (u + t * jnp.sign(p)).astype(u.dtype)
+
+    new_updates = jax.tree_util.tree_map_with_path(add, updates, params)
+    return new_updates, L1SubgradientState(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

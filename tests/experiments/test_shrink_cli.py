@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import jaxprune
 from experiments import checkpoint as ckpt
 from experiments import sharding as shd
 from experiments import shrink, train
@@ -156,6 +157,60 @@ def test_cli_global_ranking_needs_batchnorm_scales(capsys, extra, message):
   assert message in out.err, out.err[-2000:]
 
 
+def test_cli_bn_l1_adds_network_slimming_penalty_and_is_part_of_the_recipe(capsys, tmp_path):
+  argv = [*TINY, "--chunk=10", "--rounds=1", "--layers=conv", "--score=bn_scale", "--skip_dense"]
+  workdir = f"--workdir={tmp_path}"
+  code, out = _main(capsys, *argv, "--ranking=global", "--bn_l1=0.01", workdir)
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["bn_l1"] == 0.01 and "L1 0.01 on BatchNorm scales" in out.out
+  conv = result["widths_after"][:2]
+  assert sum(conv) == 3 and min(conv) >= 1, conv
+  # The finished run's checkpoint is refused by a run without the penalty, naming it.
+  code, out = _main(capsys, *argv, "--ranking=global", workdir)
+  assert code == 2
+  assert "'bn_l1': 0.01" in out.err and "--bn_l1" in out.err, out.err[-2000:]
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (["--layers=conv", "--bn_l1=1e-4"], "--bn_l1=0.0001 penalises the BatchNorm scales"),
+    (["--score=bn_scale", "--bn_l1=1e-4"], "--bn_l1=0.0001: layer 'Dense_0' has no BatchNorm"),
+    (["--bn_l1=-1"], "--bn_l1 must be >= 0, got -1.0"),
+  ],
+)
+def test_cli_bn_l1_needs_batchnorm_scales_that_rank_units(capsys, extra, message):
+  code, out = _main(capsys, *TINY, *extra)
+  assert code == 2
+  assert message in out.err, out.err[-2000:]
+
+
+def test_bn_l1_penalty_acts_on_the_pruned_layers_batchnorm_scales_while_pruning_runs():
+  args, config = shrink.parse_args(["prog", *TINY])
+  params = shrink.models.init_variables(
+    shrink.models.get_model(config, num_classes=10),
+    jax.random.PRNGKey(0),
+    shrink.data.input_shape(config),
+  )["params"]
+  params = jax.tree.map(lambda x: x - 0.5, params)  # scales of both signs
+  kw = dict(score="bn_scale", layers="conv", keep_whole=("Conv_0",))
+  plain = shrink.shrink_algorithm(config, params, 0.75, args.schedule, "channel", **kw)
+  assert shrink.bn_l1_penalty(plain) is None
+  algo = shrink.shrink_algorithm(config, params, 0.75, args.schedule, "channel", bn_l1=0.5, **kw)
+  assert algo.config["bn_l1_layers"] == ["BatchNorm_1"]  # after Conv_1 only
+  penalty = shrink.bn_l1_penalty(algo)
+  zeros = jax.tree.map(np.zeros_like, params)
+  state = penalty.init(params)
+  end = int(algo.config["end_step"])
+  for count, lam in ((0, 0.5), (end - 1, 0.5), (end, 0.0)):
+    added, _ = penalty.update(zeros, state._replace(count=np.int32(count)), params)
+    want = jax.tree.map(np.zeros_like, params)
+    want["BatchNorm_1"]["scale"] = lam * np.sign(params["BatchNorm_1"]["scale"])
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(added)[0], jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{count} {path}")
+
+
 def test_cli_steps_factor_trains_the_shrink_run_longer_and_leaves_dense_alone(capsys):
   code, out = _main(capsys, *TINY_MLP, "--chunk=7", "--rounds=1")
   assert code == 0, out.err[-3000:]
@@ -226,7 +281,7 @@ def test_cli_rejects_a_model_compact_cannot_handle(capsys):
   assert "error: compact:" in out.err and "'BasicBlock_0' is not an auto-named" in out.err, out.err
 
 
-def _setup(argv):
+def _setup(argv, **algorithm_kwargs):
   args, config = shrink.parse_args(["prog", *argv])
   mesh = shd.make_mesh(False, devices=jax.devices()[:1])
   source = train.load_split(config, "train")
@@ -235,14 +290,18 @@ def _setup(argv):
     jax.random.PRNGKey(0),
     shrink.data.input_shape(config),
   )["params"]
-  algo = shrink.shrink_algorithm(config, params, args.target, args.schedule, args.sparsity_type)
+  algo = shrink.shrink_algorithm(
+    config, params, args.target, args.schedule, args.sparsity_type, **algorithm_kwargs
+  )
   steps = shrink.shrink.compaction_steps(algo, args.compact_at, int(config.steps))
   return config, mesh, source, algo, steps
 
 
-def _assert_resume_is_bit_identical(tmp_path, argv, stop_at, until, check_recipe=False):
+def _assert_resume_is_bit_identical(
+  tmp_path, argv, stop_at, until, check_recipe=False, **algorithm_kwargs
+):
   """Stops after the first compaction, resumes, and compares with a straight run."""
-  config, mesh, source, algo, steps = _setup(argv)
+  config, mesh, source, algo, steps = _setup(argv, **algorithm_kwargs)
   assert steps[0] < stop_at < steps[1] <= until
   straight = shrink.Run("shrink", config, mesh, source, algo, steps)
   straight.advance(until)
@@ -268,6 +327,7 @@ def _assert_resume_is_bit_identical(tmp_path, argv, stop_at, until, check_recipe
   assert resumed.index.to_json() == straight.index.to_json()
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  return b
 
 
 def test_resume_after_a_compaction_is_bit_identical_mlp(tmp_path):
@@ -277,6 +337,16 @@ def test_resume_after_a_compaction_is_bit_identical_mlp(tmp_path):
 @pytest.mark.slow
 def test_resume_after_a_compaction_is_bit_identical_cnn(tmp_path):
   _assert_resume_is_bit_identical(tmp_path, TINY, stop_at=17, until=30, check_recipe=True)
+
+
+@pytest.mark.slow
+def test_resume_with_the_bn_l1_penalty_is_bit_identical_cnn(tmp_path):
+  # The penalty's step count (its schedule) is part of the optimizer state that resumes.
+  kw = dict(score="bn_scale", layers="conv", ranking="global", bn_l1=0.01)
+  state = _assert_resume_is_bit_identical(tmp_path, TINY, stop_at=17, until=30, **kw)
+  is_l1 = lambda x: isinstance(x, jaxprune.regularizers.L1SubgradientState)
+  found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_l1) if is_l1(x)]
+  assert len(found) == 1 and int(found[0].count) == 30  # in the step, also after masks dropped
 
 
 MULTI = r"""

@@ -89,3 +89,63 @@ def test_prox_group_lasso_zeroes_whole_units_and_compacts():
     return h @ q["Dense_1"]["kernel"] + q["Dense_1"]["bias"]
 
   np.testing.assert_allclose(mlp(out.params, x), mlp(new, x), atol=1e-5)
+
+
+def _bn_params():
+  rng = np.random.default_rng(1)
+  return {
+    "Conv_0": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)},
+    "BatchNorm_0": {
+      "scale": jnp.asarray([0.5, -0.2, 0.0, 1.5], jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+    },
+  }
+
+
+def test_add_l1_subgradient_adds_sign_to_selected_leaves_only():
+  p = _bn_params()
+  g = jax.tree.map(lambda x: jnp.full_like(x, 0.25), p)
+  tx = R.add_l1_subgradient(1e-2, r"^BatchNorm_\d+/scale$")
+  upd, state = tx.update(g, tx.init(p), p)
+  np.testing.assert_allclose(upd["BatchNorm_0"]["scale"], [0.26, 0.24, 0.25, 0.26], rtol=1e-6)
+  np.testing.assert_array_equal(upd["BatchNorm_0"]["bias"], g["BatchNorm_0"]["bias"])
+  np.testing.assert_array_equal(upd["Conv_0"]["kernel"], g["Conv_0"]["kernel"])
+  assert int(state.count) == 1
+  with pytest.raises(ValueError, match="params"):
+    tx.update(g, state)
+
+
+def test_add_l1_subgradient_is_the_gradient_of_the_l1_term_and_keeps_zeros():
+  # Chained before SGD it is one step on loss + lam * ||scale||_1 away from zero (autodiff's
+  # derivative of |x| at 0 is 1, the subgradient used here 0: the zero entry stays zero).
+  p = _bn_params()
+  lam, lr = 1e-2, 0.1
+  loss = lambda q: jnp.sum(q["BatchNorm_0"]["scale"] ** 2) + jnp.sum(q["Conv_0"]["kernel"])
+  g = jax.grad(loss)(p)
+  tx = optax.chain(R.add_l1_subgradient(lam, "BatchNorm_0/scale"), optax.sgd(lr))
+  upd, _ = jax.jit(tx.update)(g, tx.init(p), p)
+  full = jax.grad(lambda q: loss(q) + lam * R.l1_penalty(q, include="BatchNorm_0/scale"))(p)
+  want = jax.tree.map(lambda x, d: x - lr * d, p, full)
+  got = optax.apply_updates(p, upd)
+  np.testing.assert_allclose(got["Conv_0"]["kernel"], want["Conv_0"]["kernel"], rtol=1e-6)
+  nonzero = np.asarray([0, 1, 3])
+  np.testing.assert_allclose(
+    np.asarray(got["BatchNorm_0"]["scale"])[nonzero],
+    np.asarray(want["BatchNorm_0"]["scale"])[nonzero],
+    rtol=1e-6,
+  )
+  assert float(got["BatchNorm_0"]["scale"][2]) == 0.0
+
+
+def test_add_l1_subgradient_schedule_switches_off():
+  p = _bn_params()
+  zero = jax.tree.map(jnp.zeros_like, p)
+  tx = R.add_l1_subgradient(lambda c: jnp.where(c < 2, 1.0, 0.0), "BatchNorm_0/scale")
+  state = tx.init(p)
+  added = []
+  for _ in range(3):
+    upd, state = jax.jit(tx.update)(zero, state, p)
+    added.append(np.asarray(upd["BatchNorm_0"]["scale"]))
+  np.testing.assert_array_equal(added[0], np.sign(np.asarray(p["BatchNorm_0"]["scale"])))
+  np.testing.assert_array_equal(added[1], added[0])
+  np.testing.assert_array_equal(added[2], np.zeros(4))
