@@ -124,12 +124,14 @@ class ProxState(NamedTuple):
   count: jax.Array
 
 
-def _prox(prox_fn, strength, include: Include, name: str) -> optax.GradientTransformation:
+def _per_leaf(new_update, strength, include: Include, name: str, state_cls):
+  """A transformation mapping each selected leaf's update ``u`` (param ``p``) to
+  ``new_update(u, p, t)``, ``t`` the strength (a schedule of the step count)."""
   pred = include_fn(include)
 
   def init_fn(params):
     del params
-    return ProxState(count=jnp.zeros([], jnp.int32))
+    return state_cls(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -139,13 +141,16 @@ def _prox(prox_fn, strength, include: Include, name: str) -> optax.GradientTrans
     def step(path, u, p):
       if u is None or not pred(path_str(path), p):
         return u
-      target = prox_fn(p + u, t)
-      return (target - p).astype(u.dtype)
+      return new_update(u, p, t).astype(u.dtype)
 
     new_updates = jax.tree_util.tree_map_with_path(step, updates, params)
-    return new_updates, ProxState(count=optax.safe_int32_increment(state.count))
+    return new_updates, state_cls(count=optax.safe_int32_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _prox(prox_fn, strength, include: Include, name: str) -> optax.GradientTransformation:
+  return _per_leaf(lambda u, p, t: prox_fn(p + u, t) - p, strength, include, name, ProxState)
 
 
 def prox_l1(
@@ -229,23 +234,6 @@ def add_l1_subgradient(
     tx = optax.chain(add_l1_subgradient(1e-4, r"BatchNorm_\\d+/scale$"), optax.adam(1e-3))
     updates, state = tx.update(grads, state, params)   # params are required
   """
-  pred = include_fn(include)
-
-  def init_fn(params):
-    del params
-    return L1SubgradientState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("add_l1_subgradient needs params: call tx.update(updates, state, params)")
-    t = strength(state.count) if callable(strength) else strength
-
-    def add(path, u, p):
-      if u is None or not pred(path_str(path), p):
-        return u
-      return (u + t * jnp.sign(p)).astype(u.dtype)
-
-    new_updates = jax.tree_util.tree_map_with_path(add, updates, params)
-    return new_updates, L1SubgradientState(count=optax.safe_int32_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _per_leaf(
+    lambda u, p, t: u + t * jnp.sign(p), strength, include, "add_l1_subgradient", L1SubgradientState
+  )
