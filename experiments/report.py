@@ -334,6 +334,12 @@ SHRINK_VARIANTS = {
     "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| on one threshold over both convs "
     "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale --ranking=global`)",
   ),
+  "conv_early_slim": (
+    "shrink/fmnist_cnn_c75_conv_slim_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, network slimming: the global \\|BatchNorm scale\\| "
+    "ranking with the L1 term 1e-4 on the scales while pruning runs "
+    "(`--layers=conv --schedule=0.05,0.35 --score=bn_scale --ranking=global --bn_l1=1e-4`)",
+  ),
   "conv2_early": (
     "shrink/fmnist_cnn_c75_conv2_sched05_35.jsonl",
     "second conv only (first conv kept whole, so 50% of all conv channels), 5% to 35% "
