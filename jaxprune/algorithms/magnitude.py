@@ -233,13 +233,16 @@ def _global_unit_masks(name, pattern, axis, scores, s, frac) -> list:
   """Masks of the units with the highest L2 score norm over all ``scores`` leaves.
 
   The kept count follows the cubic schedule of the total unit count. The best
-  unit of every leaf ranks first (+inf), so each leaf keeps at least one unit
-  while the rest compete on one threshold; removed units (-inf) never return.
+  unit of every leaf ranks first (+inf, above every real norm: an infinite norm
+  is lowered to the largest finite float32 first), so each leaf keeps at least
+  one unit while the rest compete on one threshold; removed units (-inf) never
+  return.
   """
   axes = [pattern.resolve_axis(jnp.ndim(x), axis) for x in scores]
   keys = []
   for x, ax in zip(scores, axes):
     key = structured.unit_rank_keys(x, ax)  # NaN already mapped below every real norm
+    key = jnp.minimum(key, jnp.finfo(jnp.float32).max)  # +inf is reserved for the best unit
     keys.append(key.at[jnp.argmax(key)].set(jnp.inf))
   total = sum(int(k.shape[0]) for k in keys)
   final = topk.keep_count(total, s)

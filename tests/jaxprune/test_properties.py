@@ -286,9 +286,24 @@ def test_every_registered_algorithm_is_drawn(name):
 
 
 @pytest.mark.parametrize(
-  "combo", [("global_magnitude", "unstructured"), ("gradual_magnitude", "unstructured")]
+  "combo",
+  [
+    ("global_magnitude", "unstructured"),
+    ("gradual_magnitude", "unstructured"),
+    ("global_magnitude", "neuron"),
+    ("global_saliency", "neuron"),
+    ("gradual_magnitude", "neuron"),
+  ],
 )
 def test_nan_weights_do_not_bring_pruned_entries_back(combo):
   # Found by the slow run: top-k ranks NaN below the -inf of pruned entries, so with
-  # many NaN weights a later update revived pruned entries ahead of them.
+  # many NaN weights a later update revived pruned entries ahead of them. The global
+  # unit ranking (one threshold over whole units) must hold the same with NaN units.
   _check_invariants(combo, 0.3, "uniform", "adam", "dict", 0, 0.3)
+
+
+@pytest.mark.parametrize("name", ["global_magnitude", "global_saliency"])
+def test_global_units_keep_one_per_leaf_beside_infinite_norms(name):
+  # Found by a sweep: units of infinite norm tied with the +inf that guarantees every
+  # leaf its best unit, so a leaf lost all its units and one came back the next step.
+  _check_invariants((name, "neuron"), 0.6, "uniform", "sgd_momentum", "dict", 1, 0.1)

@@ -226,6 +226,22 @@ def test_global_channels_keep_the_top_units_of_all_layers_and_one_per_layer(name
   assert _kept_units(masks["b"]["kernel"]) == [1, 2, 3, 5]  # 60, 30, 50, 40
 
 
+@pytest.mark.parametrize("name", ["global_magnitude", "global_saliency"])
+def test_global_channels_keep_one_unit_per_layer_when_others_have_infinite_norms(name):
+  # Three units of a hold an inf weight (norm +inf), more than the 2 units kept in all:
+  # b's best unit must still outrank them (the guarantee ranks above every real norm).
+  params = {
+    "a": {"kernel": _units([1, 2, 3, 4]).at[0, :3].set(jnp.inf)},
+    "b": {"kernel": _units([10, 30, 20, 5])},
+  }
+  algo = jaxprune.create(name, sparsity=0.75, sparsity_type="channel", include=".*kernel")
+  grads = jax.tree.map(jnp.ones_like, params)
+  masks, state = algo.init(params)
+  masks, _ = jax.jit(algo.update)(0, params, grads, masks, state)
+  assert _kept_units(masks["a"]["kernel"]) == [0]  # the first of the tied +inf units
+  assert _kept_units(masks["b"]["kernel"]) == [1]  # its best, 30
+
+
 def test_global_channels_follow_the_cubic_schedule_of_the_total_and_only_shrink():
   rng = np.random.default_rng(0)
   params = {
