@@ -144,6 +144,11 @@ SCORES = ("magnitude", "bn_scale")
 RANKINGS = ("layer", "global")
 
 
+def leaf_pattern(layers: Sequence[str], leaf: str) -> str:
+  """The `include` pattern of the `leaf` (e.g. "kernel") of each of `layers`."""
+  return "^(" + "|".join(re.escape(n) for n in layers) + f")/{leaf}$"
+
+
 def batchnorms_after(params, names: Sequence[str], flag: str, hint: str) -> list[str]:
   """The BatchNorm after each of `names` (the layer whose scales rank its units);
   a ConfigError naming `flag` and the layer where there is none."""
@@ -185,7 +190,7 @@ def bn_l1_penalty(algorithm) -> optax.GradientTransformation | None:
   if lam == 0.0:
     return None
   end = int(cfg["end_step"])
-  include = "^(" + "|".join(re.escape(n) for n in cfg["bn_l1_layers"]) + ")/scale$"
+  include = leaf_pattern(cfg["bn_l1_layers"], "scale")
   return jaxprune.regularizers.add_l1_subgradient(
     lambda count: jnp.where(count < end, lam, 0.0), include
   )
@@ -231,7 +236,7 @@ def shrink_algorithm(
         f"--score=bn_scale (got --score={score})"
       )
     bn_l1_layers = batchnorms_after(params, names, f"--bn_l1={bn_l1}", "use --layers=conv")
-  include = "^(" + "|".join(re.escape(n) for n in names) + ")/kernel$"
+  include = leaf_pattern(names, "kernel")
   algo = jaxprune.create(
     "gradual_magnitude" if ranking == "layer" else "global_magnitude",
     sparsity=float(target),
