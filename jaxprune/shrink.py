@@ -11,7 +11,10 @@ with smaller arrays, computing what the masked full-size model computes:
   the BatchNorm scale and offset that follow it share the kernel's unit mask. A
   removed unit then outputs exactly 0 in training mode (batch statistics) and in
   inference mode (running averages) alike, so removing it needs no folding of
-  constants into the next layer and works before SAME-padded convolutions.
+  constants into the next layer and works before SAME-padded convolutions. The
+  next layer's weights that read a removed unit are masked too, so the masked
+  full-size model holds exactly the weights the compacted one keeps (no stale
+  weight enters a unit's score, a norm or an optimizer statistic).
 * :func:`score_by_batchnorm_scale` ranks the units of a layer followed by a
   BatchNorm by the absolute BatchNorm scale (network slimming's criterion)
   instead of the kernel's norm, which BatchNorm makes meaningless.
@@ -20,7 +23,8 @@ with smaller arrays, computing what the masked full-size model computes:
   sub-tree shaped like the params (Adam's moments, momentum traces, the masks of
   :func:`jaxprune.sparsify`) is sliced with its parameter; scalars (step counts)
   are kept. Nothing is reset: the next step on the small model equals the next
-  step of the masked full model restricted to the kept units.
+  step of the masked full model restricted to the kept units, and a run
+  compacted at any steps chooses the same units as the masked full run.
 * :func:`on_kept_units` runs an algorithm on the compacted model as if on the
   full one: on update steps the small params, gradients and masks are scattered
   back into the original shapes (removed units pruned), the algorithm updates
@@ -243,23 +247,38 @@ def _unit_vector(kernel_mask):
   return jnp.any(m.reshape(-1, m.shape[-1]), axis=0)
 
 
-def tie_masks(params, masks, layers: Optional[Sequence[str]] = None):
-  """``masks`` with every pruned unit's bias and BatchNorm scale/offset masked too.
+def tie_masks(
+  params, masks, layers: Optional[Sequence[str]] = None, pruned: Optional[Sequence[str]] = None
+):
+  """``masks`` with every pruned unit's bias, BatchNorm and outgoing weights masked too.
 
   For each Dense/Conv layer of the chain whose kernel mask is full-shape, the
   layer's bias mask and the masks of the BatchNorm parameters that follow it
-  become the kernel's unit vector (True where a kernel column has a True entry).
+  become the kernel's unit vector (True where a kernel column has a True entry),
+  and the input rows of the next layer's kernel that read a pruned unit are
+  masked (through a Conv -> Dense flatten, every spatial position's row). The
+  masked full-size model then holds exactly the weights the compacted model
+  keeps: no stale weight behind a removed unit enters a score, a norm or an
+  optimizer statistic, so a run compacted at any step chooses the same units
+  and takes the same steps as the masked full-size run.
+
+  ``pruned`` names the layers whose units are pruned; by default those whose
+  kernel mask is full-shape (pass it when a masks tree that was tied before
+  comes back: the next layers' kernel masks are full-shape then).
 
   Raises:
     ValueError: when the output layer's kernel is pruned (its units are the
-      model's outputs and are never removed; exclude it with ``include``).
+      model's outputs and are never removed; exclude it with ``include``), and
+      naming the layer whose kernel does not read the previous layer's units.
   """
   chain = _chain(params, layers)
   masks = _to_dict(masks)
+  if pruned is None:
+    pruned = [lin for lin, _ in chain if is_pruned_mask(_get(masks, f"{lin}/kernel"))]
   for i, (lin, bn) in enumerate(chain):
-    kmask = _get(masks, f"{lin}/kernel")
-    if not is_pruned_mask(kmask):
+    if lin not in pruned:
       continue
+    kmask = _get(masks, f"{lin}/kernel")
     if i == len(chain) - 1:
       raise ValueError(
         f"shrink: the output layer {lin!r} is pruned; its units are the model's "
@@ -272,7 +291,54 @@ def tie_masks(params, masks, layers: Optional[Sequence[str]] = None):
     if bn is not None:
       for k in _get(params, bn):
         masks = _replace(masks, f"{bn}/{k}", unit)
+    nxt = f"{chain[i + 1][0]}/kernel"
+    masks = _replace(masks, nxt, _mask_inputs(_get(params, nxt), _get(masks, nxt), unit, nxt))
   return masks
+
+
+def _untie_inputs(params, masks, layers, pruned):
+  """Undoes the input-row masking of :func:`tie_masks` for the layers in
+  ``pruned``: the next kernel's mask is whole units again (the rows that read a
+  removed unit take their column's value; their weights are exactly 0), or
+  dense when that layer is not pruned -- the masks the algorithm made, as it
+  would see them on the compacted model."""
+  chain = _chain(params, layers)
+  masks = _to_dict(masks)
+  for i, (lin, _) in enumerate(chain[:-1]):
+    if lin not in pruned:
+      continue
+    nxt_layer = chain[i + 1][0]
+    nxt = f"{nxt_layer}/kernel"
+    if nxt_layer not in pruned:
+      masks = _replace(masks, nxt, dense_mask())
+      continue
+    nmask = _get(masks, nxt)
+    unit = _unit_vector(_get(masks, f"{lin}/kernel"))
+    rows = jnp.tile(unit, nmask.shape[-2] // unit.shape[0])[:, None]
+    masks = _replace(masks, nxt, jnp.where(rows, nmask, _unit_vector(nmask)))
+  return masks
+
+
+def _pruned_layers(algorithm: Algorithm, params, layers) -> list[str]:
+  """The chain's layers whose kernels ``algorithm`` prunes (full-shape masks
+  from its ``init``; shapes only, nothing computed)."""
+  masks = jax.eval_shape(lambda p: algorithm.init(p)[0], params)
+  return [lin for lin, _ in _chain(params, layers) if _get(masks, f"{lin}/kernel").shape]
+
+
+def _mask_inputs(kernel, kmask, unit, path: str):
+  """The full-shape mask of ``kernel`` with the input rows that read a False
+  entry of ``unit`` masked (``unit`` tiled over the spatial positions of a
+  Conv -> Dense flatten, whose rows are ``(position, channel)`` row-major)."""
+  shape = jnp.shape(kernel)
+  n_in, n_units = shape[-2], unit.shape[0]
+  if n_in % n_units:
+    raise ValueError(
+      f"shrink: {path!r} has {n_in} input rows, not a multiple of the {n_units} units "
+      "of the layer before it; the layers do not form a chain"
+    )
+  rows = jnp.tile(unit, n_in // n_units)[:, None]
+  return jnp.broadcast_to(jnp.asarray(kmask, jnp.bool_), shape) & rows
 
 
 def tie_units(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> Algorithm:
@@ -300,11 +366,13 @@ def tie_units(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> A
 
   def init(params):
     masks, state = algorithm.init(params)
-    return tie_masks(params, masks, layers), state
+    return tie_masks(params, masks, layers, _pruned_layers(algorithm, params, layers)), state
 
   def update(step, params, grads, masks, state):
+    pruned = _pruned_layers(algorithm, params, layers)
+    masks = _untie_inputs(params, masks, layers, pruned)
     masks, state = algorithm.update(step, params, grads, masks, state)
-    return tie_masks(params, masks, layers), state
+    return tie_masks(params, masks, layers, pruned), state
 
   return algorithm._replace(init=init, update=update)
 
@@ -464,6 +532,7 @@ def compact_state(
   masks=None,
   layers: Optional[Sequence[str]] = None,
   index: Optional[UnitIndex] = None,
+  tx: Optional[optax.GradientTransformation] = None,
 ) -> Shrunk:
   """Removes the pruned units from params, optimizer state and BatchNorm statistics.
 
@@ -473,7 +542,11 @@ def compact_state(
       used and compacted too) or of a plain optax transformation (pass
       ``masks``). Every leaf of a sub-tree shaped like ``params`` with its
       parameter's shape is sliced with the parameter (Adam's moments, momentum,
-      masks); everything else (counts, scalar masks) is kept as it is.
+      masks); everything else (counts, scalar masks) is kept as it is. The
+      next step then equals that of the masked full model for transformations
+      that act per entry or through norms (SGD, Adam, LAMB, LARS, gradient
+      clipping; tested); one that averages over a leaf (``optax.centralize``)
+      sees the smaller size and differs.
     batch_stats: the BatchNorm statistics, when the model has BatchNorm.
     masks: the masks; default those of the sparse state in ``opt_state``. The
       units must be pruned whole, with their bias and BatchNorm parameters
@@ -481,6 +554,11 @@ def compact_state(
     layers: forward order of the layers (:func:`jaxprune.compact.compact`).
     index: the :class:`UnitIndex` of the state as given (after earlier
       compactions); None for an uncompacted state.
+    tx: the transformation ``opt_state`` belongs to (optional). When given, the
+      sliced state is checked against ``tx.init`` of the small params (shapes
+      only, nothing computed), so per-parameter state that cannot be sliced
+      (the factored statistics of ``optax.sm3``, ``optax.adafactor``) raises
+      naming the state leaf instead of failing inside the next step.
 
   Returns:
     :class:`Shrunk`. Rebuild the model with ``widths`` (or ``features``).
@@ -514,6 +592,8 @@ def compact_state(
         "parameters (jaxprune.shrink.tie_units)"
       )
   opt = _restrict_like_params(opt_state, params, params_axes, "optimizer state")
+  if tx is not None:
+    _check_like_init(tx, small, opt)
   stats = _restrict_by_path(batch_stats, stats_axes)
 
   index = index if index is not None else identity_index(params)
@@ -539,6 +619,27 @@ def compact_state(
     dict(out.features),
     list(out.widths),
   )
+
+
+def _check_like_init(tx, params, opt_state) -> None:
+  """Raises ValueError naming the first leaf of ``opt_state`` whose shape differs
+  from that of ``tx.init(params)``."""
+  want = jax.eval_shape(tx.init, params)
+  got_flat, got_def = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_masked_node)
+  want_flat, want_def = jax.tree_util.tree_flatten_with_path(want, is_leaf=_is_masked_node)
+  if got_def != want_def:
+    raise ValueError(
+      "shrink: the compacted optimizer state is not structured like tx.init of the "
+      f"small params: {got_def} vs {want_def}"
+    )
+  for (path, x), (_, y) in zip(got_flat, want_flat):
+    if not _is_masked_node(x) and np.shape(x) != tuple(y.shape):
+      raise ValueError(
+        f"shrink: optimizer state leaf {jax.tree_util.keystr(path)} has shape "
+        f"{np.shape(x)} after compaction, but the small model's state needs {tuple(y.shape)}: "
+        "per-parameter state of another shape than its parameter (e.g. factored "
+        "statistics) cannot be compacted"
+      )
 
 
 # ---------------------------------------------------------------- the schedule

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 import jaxprune
 from experiments import models
@@ -73,8 +73,15 @@ def _assert_trees_close(a, b, **kw):
 
 @pytest.mark.parametrize(
   "inner",
-  [lambda: optax.adam(1e-2), lambda: optax.sgd(1e-2, momentum=0.9)],
-  ids=["adam", "sgd_momentum"],
+  [
+    lambda: optax.adam(1e-2),
+    lambda: optax.sgd(1e-2, momentum=0.9),
+    # Per-leaf norms: the trust ratio sees the weights behind removed units
+    # unless tie_units masks them in the full model too.
+    lambda: optax.lamb(1e-2),
+    lambda: optax.chain(optax.adaptive_grad_clip(0.01), optax.adam(1e-2)),
+  ],
+  ids=["adam", "sgd_momentum", "lamb", "adaptive_grad_clip"],
 )
 def test_step_after_compaction_equals_masked_full_step(inner):
   model = _cnn()
@@ -138,6 +145,94 @@ def test_schedule_keeps_original_counts_after_compaction():
   assert out.index.kept["Conv_1"].max() < 10
   dense_state = shrink.without_masks(out.opt_state)
   assert all(np.ndim(m) == 0 for m in jax.tree.leaves(dense_state.masks))
+
+
+def _train(model, params, stats, algo, steps, compact_after=(), inner=lambda: optax.adam(1e-2)):
+  """``steps`` steps of ``algo``; compacts after the listed steps; returns the
+  final state compacted once more (a :class:`shrink.Shrunk`)."""
+  tx = jaxprune.sparsify(inner(), algo)
+  opt_state = tx.init(params)
+  step, index = _step_fn(model, tx), None
+  for i in range(steps):
+    params, stats, opt_state = step(params, stats, opt_state, *_batch(i))
+    if i in compact_after:
+      out = shrink.compact_state(params, opt_state, stats, index=index)
+      params, opt_state, stats, index = out.params, out.opt_state, out.batch_stats, out.index
+      model = _small_model(model, out.widths)
+      step = _step_fn(model, jaxprune.sparsify(inner(), shrink.on_kept_units(algo, index)))
+  return shrink.compact_state(params, opt_state, stats, index=index)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+  channels=st.tuples(st.integers(4, 9), st.integers(4, 9)),
+  hidden=st.integers(4, 10),
+  sparsity=st.sampled_from([0.5, 0.75]),
+  seed=st.integers(0, 2**16),
+)
+def test_compacted_run_chooses_the_units_of_the_masked_full_run(channels, hidden, sparsity, seed):
+  # Mask updates at counts 0, 2, 4, 6; compactions after steps 2 and 4, inside the
+  # schedule. The units chosen after a compaction are scored on the small model;
+  # they must be those the masked full model chooses, and the weights the same.
+  model = _cnn(channels=channels, hidden=hidden)
+  variables = models.init_variables(model, jax.random.PRNGKey(seed), (8, 8, 1))
+  args = (model, variables["params"], variables["batch_stats"], _algo(sparsity, end_step=6), 8)
+  full = _train(*args)
+  shrunk = _train(*args, compact_after=(2, 4))
+  for layer, kept in full.index.kept.items():
+    np.testing.assert_array_equal(shrunk.index.kept[layer], kept, err_msg=layer)
+  _assert_trees_close(shrunk.params, full.params, rtol=1e-4, atol=1e-5)
+  _assert_trees_close(shrunk.batch_stats, full.batch_stats, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_masks_mask_the_weights_that_read_a_removed_unit():
+  model = _cnn(channels=(4, 6), hidden=8)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+  params = variables["params"]
+  masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
+  masks["Dense_1"]["kernel"] = jnp.asarray(True)  # the output layer is not pruned
+  masks["Conv_0"]["kernel"] = masks["Conv_0"]["kernel"].at[..., 1].set(False)
+  masks["Conv_1"]["kernel"] = masks["Conv_1"]["kernel"].at[..., jnp.array([0, 5])].set(False)
+  masks["Dense_0"]["kernel"] = masks["Dense_0"]["kernel"].at[:, 3].set(False)
+  tied = shrink.tie_masks(params, masks)
+  conv1 = np.asarray(tied["Conv_1"]["kernel"])
+  assert not conv1[:, :, 1, :].any() and conv1[:, :, [0, 2, 3], :][..., 1:5].all()
+  assert not conv1[..., [0, 5]].any()
+  # Conv_1 -> flatten (2x2 positions x 6 channels, row-major) -> Dense_0.
+  dense0 = np.asarray(tied["Dense_0"]["kernel"])
+  assert dense0.shape == (24, 8)
+  live_rows = np.tile([False, True, True, True, True, False], 4)
+  np.testing.assert_array_equal(dense0.any(axis=1), live_rows)
+  np.testing.assert_array_equal(dense0[live_rows][:, [0, 1, 2, 4, 5, 6, 7]].all(), True)
+  dense1 = np.asarray(tied["Dense_1"]["kernel"])  # rows of Dense_0's removed unit 3
+  assert dense1.shape == (8, 3) and not dense1[3].any() and np.delete(dense1, 3, 0).all()
+  for leaf, unit in (("BatchNorm_0/scale", 1), ("BatchNorm_1/bias", 0), ("Dense_0/bias", 3)):
+    layer, name = leaf.split("/")
+    assert not np.asarray(tied[layer][name])[unit] and np.asarray(tied[layer][name]).sum() > 1
+  compacted = jaxprune.compact.compact(params, tied, variables["batch_stats"])
+  assert compacted.widths == [3, 4, 7, 3]
+
+
+def test_state_check_names_the_leaf_that_cannot_be_compacted():
+  # optax.sm3 keeps one accumulator per axis of each parameter: it has the
+  # parameter's shape only for vectors, so slicing by parameter misses the others.
+  model = _cnn()
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+  params, stats = variables["params"], variables["batch_stats"]
+  algo = _algo(end_step=4)
+  tx = jaxprune.sparsify(optax.sm3(1e-2), algo)
+  opt_state = tx.init(params)
+  step = _step_fn(model, tx)
+  for i in range(3):
+    params, stats, opt_state = step(params, stats, opt_state, *_batch(i))
+  with pytest.raises(
+    ValueError, match=r"optimizer state leaf .*mu\['BatchNorm_0'\]\['bias'\].* has shape \(4,\)"
+  ):
+    shrink.compact_state(params, opt_state, stats, tx=tx)
+  adam = jaxprune.sparsify(optax.adam(1e-2), algo)
+  masks = jaxprune.get_sparse_state(opt_state).masks
+  out = shrink.compact_state(params, adam.init(params), stats, masks=masks, tx=adam)
+  assert out.widths[0] < 4  # the same compaction passes the check for Adam's state
 
 
 def test_plain_optax_chain_state_is_compacted_with_given_masks():
