@@ -213,6 +213,21 @@ def test_tied_masks_mask_the_weights_that_read_a_removed_unit():
   assert compacted.widths == [3, 4, 7, 3]
 
 
+def test_tied_masks_name_a_kernel_that_does_not_read_the_previous_layer():
+  params = {
+    "Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+    "Dense_1": {"kernel": jnp.ones((6, 2)), "bias": jnp.ones(2)},
+  }
+  masks = {
+    "Dense_0": {"kernel": jnp.ones((3, 4), bool).at[:, 0].set(False), "bias": jnp.asarray(True)},
+    "Dense_1": {"kernel": jnp.asarray(True), "bias": jnp.asarray(True)},
+  }
+  with pytest.raises(
+    ValueError, match="'Dense_1/kernel' has 6 input rows, not a multiple of the 4"
+  ):
+    shrink.tie_masks(params, masks)
+
+
 def test_state_check_names_the_leaf_that_cannot_be_compacted():
   # optax.sm3 keeps one accumulator per axis of each parameter: it has the
   # parameter's shape only for vectors, so slicing by parameter misses the others.
