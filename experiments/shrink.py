@@ -1,7 +1,7 @@
 """Shrink while training, against dense training of the same model, side by side.
 
     python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
-        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale]
+        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale|taylor]
         [--layers=hidden|conv] [--steps_factor=1.0]
         [--seed=0] [--config.KEY=VALUE ...]
 
@@ -16,7 +16,9 @@ and number of steps, with the same seed:
   kernel (`--score=magnitude`, the default) or, in a layer followed by a
   BatchNorm, by the absolute BatchNorm scale (`--score=bn_scale`, network
   slimming's criterion; BatchNorm makes the kernel's scale irrelevant to the
-  function), on the cubic schedule of Zhu & Gupta (2017) from `--schedule`
+  function), or by the first-order Taylor estimate of the loss change when the
+  unit is removed, from the gradients of the update step's batch
+  (`--score=taylor`, Molchanov et al. 2019), on the cubic schedule of Zhu & Gupta (2017) from `--schedule`
   (fractions of the steps, default 10% to 60% as in the fmnist_mlp recipe), a mask update every
   `update_every` steps (the config's, default 100). Each unit's bias and
   BatchNorm parameters are pruned with it (`jaxprune.shrink.tie_units`). After
@@ -140,7 +142,7 @@ def resized(model, widths: Sequence[int]):
   )
 
 
-SCORES = ("magnitude", "bn_scale")
+SCORES = ("magnitude", "bn_scale", "taylor")
 RANKINGS = ("layer", "global")
 
 
@@ -166,15 +168,17 @@ def batchnorms_after(params, names: Sequence[str], flag: str, hint: str) -> list
 
 
 def check_global_ranking(params, names: Sequence[str], score: str) -> None:
-  """`--ranking=global` compares units across layers: only |BatchNorm scale| is
-  comparable there (kernel norms depend on fan-in and, under BatchNorm, mean
-  nothing), so it needs `--score=bn_scale` and a BatchNorm after every pruned layer."""
-  if score != "bn_scale":
+  """`--ranking=global` compares units across layers: kernel norms are not comparable
+  there (they depend on fan-in and, under BatchNorm, mean nothing), so it needs
+  `--score=bn_scale` with a BatchNorm after every pruned layer, or `--score=taylor`
+  (estimated loss changes, comparable in any layer)."""
+  if score not in ("bn_scale", "taylor"):
     raise train.ConfigError(
-      f"--ranking=global needs --score=bn_scale (got --score={score}): kernel norms of "
-      "different layers are not comparable"
+      f"--ranking=global needs --score=bn_scale or --score=taylor (got --score={score}): "
+      "kernel norms of different layers are not comparable"
     )
-  batchnorms_after(params, names, "--ranking=global", "use --layers=conv or --ranking=layer")
+  if score == "bn_scale":
+    batchnorms_after(params, names, "--ranking=global", "use --layers=conv or --ranking=layer")
 
 
 def bn_l1_penalty(algorithm) -> optax.GradientTransformation | None:
@@ -212,10 +216,12 @@ def shrink_algorithm(
   layers only, `layers="conv"`), ranked by the L2 norm of their kernel
   (`score="magnitude"`) or, for a layer followed by a BatchNorm, by the absolute
   BatchNorm scale (`"bn_scale"`, network slimming, Liu et al. 2017;
-  `jaxprune.shrink.score_by_batchnorm_scale`). `ranking="layer"` removes
+  `jaxprune.shrink.score_by_batchnorm_scale`) or by the first-order Taylor
+  estimate of the loss change when the unit is removed (`"taylor"`, Molchanov
+  et al. 2019; `jaxprune.shrink.score_by_taylor`). `ranking="layer"` removes
   `target` of each layer's units (`gradual_magnitude`); `"global"` removes
-  `target` of all their units on one threshold, network slimming's global
-  ranking of |BatchNorm scale| (`global_magnitude` with neuron/channel units;
+  `target` of all their units on one threshold of |BatchNorm scale| (network
+  slimming's global ranking) or of the Taylor estimate (`global_magnitude` with neuron/channel units;
   each layer keeps at least one unit). `bn_l1 > 0` adds network slimming's L1
   term on those BatchNorm scales while pruning runs (`bn_l1_penalty`; needs
   `score="bn_scale"`)."""
@@ -248,6 +254,8 @@ def shrink_algorithm(
   )
   if score == "bn_scale":
     algo = shrink.score_by_batchnorm_scale(algo)
+  elif score == "taylor":
+    algo = shrink.score_by_taylor(algo)
   extra = dict(
     score=score,
     layers=layers,
@@ -610,7 +618,8 @@ def parse_args(argv: Sequence[str]):
     "--score",
     default="magnitude",
     choices=SCORES,
-    help="unit ranking: kernel L2 norm, or |BatchNorm scale| where a BatchNorm follows",
+    help="unit ranking: kernel L2 norm, |BatchNorm scale| where a BatchNorm follows, or the "
+    "first-order Taylor estimate of the loss change when the unit is removed",
   )
   p.add_argument(
     "--keep_whole",
@@ -622,7 +631,7 @@ def parse_args(argv: Sequence[str]):
     default="layer",
     choices=RANKINGS,
     help="remove --target of each layer's units, or of all pruned units on one global "
-    "threshold of |BatchNorm scale| (network slimming; needs --score=bn_scale)",
+    "threshold (needs --score=bn_scale, network slimming, or --score=taylor)",
   )
   p.add_argument(
     "--bn_l1",

@@ -18,6 +18,9 @@ with smaller arrays, computing what the masked full-size model computes:
 * :func:`score_by_batchnorm_scale` ranks the units of a layer followed by a
   BatchNorm by the absolute BatchNorm scale (network slimming's criterion)
   instead of the kernel's norm, which BatchNorm makes meaningless.
+* :func:`score_by_taylor` ranks units by the first-order Taylor estimate of
+  the loss change when the unit and its bias and BatchNorm are removed
+  (Molchanov et al. 2019), from the gradients of the update step.
 * :func:`compact_state` removes the pruned units from params, BatchNorm
   statistics and the optimizer state -- every leaf of an optimizer-state
   sub-tree shaped like the params (Adam's moments, momentum traces, the masks of
@@ -63,6 +66,8 @@ __all__ = [
   "tie_units",
   "batchnorm_scale_scores",
   "score_by_batchnorm_scale",
+  "taylor_unit_scores",
+  "score_by_taylor",
   "identity_index",
   "index_from_kept",
   "compact_state",
@@ -425,6 +430,61 @@ def score_by_batchnorm_scale(
     return algorithm.update(step, batchnorm_scale_scores(params, layers), grads, masks, state)
 
   return algorithm._replace(init=init, update=update)
+
+
+def taylor_unit_scores(params, grads, layers: Optional[Sequence[str]] = None):
+  """``params`` with each unit of every Dense/Conv kernel rescaled to norm ``|T_c|``.
+
+  ``T_c = sum_theta theta * dL/dtheta`` over every parameter that goes with unit
+  ``c`` (:func:`tie_units`): its kernel column, its bias, and the scale and
+  offset of the BatchNorm after it. Removing the unit sets all of them to 0, so
+  ``-T_c`` is the first-order Taylor estimate of the loss change (Molchanov et
+  al. 2019, "Importance Estimation for Neural Network Pruning", the group
+  criterion). Under BatchNorm the kernel's share is ~0 (the output does not
+  depend on the kernel's scale) and the score is that of a gate after the
+  BatchNorm, ``gamma * g_gamma + beta * g_beta``, the paper's Taylor-FO-BN.
+  ``grads`` are one batch's gradients (the paper averages the squared estimate
+  over the batches between pruning steps; here it is the batch of the update
+  step). The returned tree, meant only for scoring, holds every kernel with all
+  entries of unit ``c`` equal to ``|T_c| / sqrt(fan_in)``, so the unit L2 norms
+  that neuron/channel magnitude pruning ranks are ``|T_c|``. Other leaves are
+  unchanged.
+  """
+  params, grads = _to_dict(params), _to_dict(grads)
+  scored = params
+  for lin, bn in _chain(params, layers):
+    kernel = _get(params, f"{lin}/kernel")
+    other = tuple(range(jnp.ndim(kernel) - 1))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    t = jnp.sum(f32(kernel) * f32(_get(grads, f"{lin}/kernel")), axis=other)
+    tied = [f"{lin}/bias"] + ([f"{bn}/scale", f"{bn}/bias"] if bn is not None else [])
+    for path in tied:
+      value = _get(params, path)
+      if value is not None:
+        t = t + f32(value) * f32(_get(grads, path))
+    rows = int(np.prod(jnp.shape(kernel)[:-1]))
+    unit = jnp.abs(t) / np.float32(np.sqrt(rows))
+    scored = _replace(
+      scored, f"{lin}/kernel", jnp.broadcast_to(unit, jnp.shape(kernel)).astype(kernel.dtype)
+    )
+  return scored
+
+
+def score_by_taylor(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> Algorithm:
+  """``algorithm`` deciding its masks on :func:`taylor_unit_scores` of the params and
+  the gradients of the update step (Molchanov et al. 2019).
+
+  For a neuron/channel magnitude algorithm this ranks every Dense/Conv layer's
+  units by the first-order Taylor estimate of the loss change when the unit
+  (with its bias and BatchNorm) is removed. Only the scores change; at ``init``
+  (no gradients yet) the kernel norms are used. Compose it inside
+  :func:`tie_units`: ``tie_units(score_by_taylor(a))``.
+  """
+
+  def update(step, params, grads, masks, state):
+    return algorithm.update(step, taylor_unit_scores(params, grads, layers), grads, masks, state)
+
+  return algorithm._replace(update=update)
 
 
 # -------------------------------------------------------------------- indices

@@ -118,6 +118,20 @@ def test_cli_global_ranking_keeps_a_quarter_of_all_conv_channels(capsys, tmp_pat
   assert "'ranking': 'global'" in out.err and "--ranking" in out.err, out.err[-2000:]
 
 
+def test_cli_taylor_scores_rank_every_hidden_unit_on_one_threshold(capsys):
+  # Taylor estimates are loss changes, comparable across layers (no BatchNorm needed:
+  # the Dense hidden layer takes part in the ranking).
+  argv = [*TINY, "--chunk=10", "--rounds=1", "--score=taylor", "--ranking=global"]
+  code, out = _main(capsys, *argv, "--skip_dense")
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["score"] == "taylor" and "global ranking by taylor" in out.out
+  # One threshold over the 4 + 8 + 16 hidden units: 28 - floor(0.75 * 28) = 7 kept.
+  widths = result["widths_after"]
+  assert sum(widths) == 7 and min(widths) >= 1, widths
+  assert [c["step"] for c in result["compactions"]] == [15, 25]
+
+
 def test_cli_keep_whole_spares_the_first_conv(capsys):
   argv = [*TINY, "--chunk=10", "--rounds=1", "--skip_dense", "--layers=conv"]
   code, out = _main(capsys, *argv, "--keep_whole=Conv_0")
@@ -147,7 +161,10 @@ def test_cli_keep_whole_names_a_layer_that_is_not_shrunk(capsys, extra, message)
 @pytest.mark.parametrize(
   "extra, message",
   [
-    (["--layers=conv"], "--ranking=global needs --score=bn_scale (got --score=magnitude)"),
+    (
+      ["--layers=conv"],
+      "--ranking=global needs --score=bn_scale or --score=taylor (got --score=magnitude)",
+    ),
     (["--score=bn_scale"], "layer 'Dense_0' has no BatchNorm scale after it"),
   ],
 )

@@ -433,3 +433,75 @@ def test_batchnorm_scale_scores_leave_layers_without_batchnorm_alone():
     np.testing.assert_array_equal(scored[name]["kernel"], params[name]["kernel"])
   unit_norms = np.sqrt((np.asarray(scored["Conv_1"]["kernel"]) ** 2).reshape(-1, 6).sum(0))
   np.testing.assert_allclose(unit_norms, np.abs(params["BatchNorm_1"]["scale"]), rtol=1e-5)
+
+
+def _removal_slopes(model, params, stats, x, y):
+  """For every unit of every Dense/Conv layer: the derivative of the training loss
+  along the direction that removes the unit (its kernel column, bias and following
+  BatchNorm scaled down together), by forward-mode differentiation."""
+
+  def loss(p):
+    logits, _ = model.apply(
+      {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  slope_along = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,))[1])
+  slopes = {}
+  for lin, bn in [("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Dense_0", None)]:
+    units = params[lin]["kernel"].shape[-1]
+    out = []
+    for c in range(units):
+      onehot = jnp.zeros(units).at[c].set(1.0)
+      direction = jax.tree.map(jnp.zeros_like, params)
+      for name in [lin] + ([bn] if bn else []):
+        direction[name] = jax.tree.map(lambda v: -v * onehot, params[name])
+      out.append(float(slope_along(params, direction)))
+    slopes[lin] = np.abs(np.asarray(out))
+  return slopes
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+  seed=st.integers(0, 2**16),
+  channels=st.sampled_from([(3, 4), (5, 6)]),
+  sparsity=st.sampled_from([0.25, 0.5, 0.75]),
+)
+def test_taylor_scores_rank_units_by_the_loss_slope_of_removing_them(seed, channels, sparsity):
+  # |T_c| must be the first-order loss change of removing unit c with its bias and
+  # BatchNorm (checked against forward-mode differentiation of the real model), and
+  # score_by_taylor must keep the units with the largest |T_c| in every layer.
+  rng = np.random.default_rng(seed)
+  params = _cnn_params(rng, channels)
+  stats = {
+    f"BatchNorm_{i}": {"mean": jnp.zeros(c), "var": jnp.ones(c)} for i, c in enumerate(channels)
+  }
+  model = _cnn(channels)
+  x, y = _batch(seed, n=16)
+
+  def loss(p):
+    logits, _ = model.apply(
+      {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  grads = jax.grad(loss)(params)
+  slopes = _removal_slopes(model, params, stats, x, y)
+  scored = shrink.taylor_unit_scores(params, grads)
+  algo = shrink.tie_units(
+    shrink.score_by_taylor(
+      jaxprune.create("magnitude", sparsity=sparsity, sparsity_type="channel", include=HIDDEN)
+    )
+  )
+  masks, _ = algo.init(params)
+  masks, _ = algo.update(0, params, grads, masks, ())
+  for lin, slope in slopes.items():
+    units = slope.size
+    kernel = np.asarray(scored[lin]["kernel"]).reshape(-1, units)
+    np.testing.assert_allclose(
+      np.sqrt((kernel**2).sum(0)), slope, rtol=2e-3, atol=1e-6, err_msg=lin
+    )
+    kept = np.asarray(masks[lin]["kernel"]).reshape(-1, units).any(axis=0)
+    assert kept.sum() == units - int(np.floor(sparsity * units)), lin
+    if not kept.all():
+      assert slope[kept].min() >= slope[~kept].max() - 1e-5, (lin, slope, kept)
