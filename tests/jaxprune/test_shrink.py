@@ -1,5 +1,6 @@
 """Shrink while training: compaction of params, BatchNorm statistics and optimizer state."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -435,18 +436,25 @@ def test_batchnorm_scale_scores_leave_layers_without_batchnorm_alone():
   np.testing.assert_allclose(unit_norms, np.abs(params["BatchNorm_1"]["scale"]), rtol=1e-5)
 
 
-def _removal_slopes(model, params, stats, x, y):
-  """For every unit of every Dense/Conv layer: the derivative of the training loss
-  along the direction that removes the unit (its kernel column, bias and following
-  BatchNorm scaled down together), by forward-mode differentiation."""
+@functools.lru_cache(maxsize=None)
+def _loss_derivatives(channels):
+  """Jitted gradient of the CNN's training loss, and its derivative along a direction."""
+  model = _cnn(channels)
 
-  def loss(p):
+  def loss(p, stats, x, y):
     logits, _ = model.apply(
       {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
     )
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  slope_along = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,))[1])
+  slope = lambda p, d, *a: jax.jvp(lambda q: loss(q, *a), (p,), (d,))[1]  # noqa: E731
+  return jax.jit(jax.grad(loss)), jax.jit(slope)
+
+
+def _removal_slopes(slope_along, params, *args):
+  """For every unit of every Dense/Conv layer: |the derivative of the training loss
+  along the direction that removes the unit| (its kernel column, bias and following
+  BatchNorm scaled down together), by forward-mode differentiation."""
   slopes = {}
   for lin, bn in [("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Dense_0", None)]:
     units = params[lin]["kernel"].shape[-1]
@@ -456,7 +464,7 @@ def _removal_slopes(model, params, stats, x, y):
       direction = jax.tree.map(jnp.zeros_like, params)
       for name in [lin] + ([bn] if bn else []):
         direction[name] = jax.tree.map(lambda v: -v * onehot, params[name])
-      out.append(float(slope_along(params, direction)))
+      out.append(float(slope_along(params, direction, *args)))
     slopes[lin] = np.abs(np.asarray(out))
   return slopes
 
@@ -476,17 +484,10 @@ def test_taylor_scores_rank_units_by_the_loss_slope_of_removing_them(seed, chann
   stats = {
     f"BatchNorm_{i}": {"mean": jnp.zeros(c), "var": jnp.ones(c)} for i, c in enumerate(channels)
   }
-  model = _cnn(channels)
   x, y = _batch(seed, n=16)
-
-  def loss(p):
-    logits, _ = model.apply(
-      {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-    )
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  grads = jax.grad(loss)(params)
-  slopes = _removal_slopes(model, params, stats, x, y)
+  grad, slope_along = _loss_derivatives(channels)
+  grads = grad(params, stats, x, y)
+  slopes = _removal_slopes(slope_along, params, stats, x, y)
   scored = shrink.taylor_unit_scores(params, grads)
   algo = shrink.tie_units(
     shrink.score_by_taylor(
