@@ -322,6 +322,19 @@ SHRINK_VARIANTS = {
     "Conv layers only, schedule 5% to 35%, shrink run trained 1.5x the steps (6000; dense "
     "4000) (`--layers=conv --schedule=0.05,0.35 --steps_factor=1.5`)",
   ),
+  "conv_early_tied": (
+    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
+    "Conv layers only, 5% to 35%, rerun after the fix of `tie_units` (the second conv's and "
+    "the Dense layer's weights that read a removed channel are masked, so they no longer "
+    "count in the second conv's channel norms) (`--layers=conv --schedule=0.05,0.35`)",
+  ),
+  "conv_early_taylor": (
+    "shrink/fmnist_cnn_c75_conv_taylor_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, first-order Taylor estimate per layer (`--layers=conv "
+    "--schedule=0.05,0.35 --score=taylor`; `--skip_dense`, paired with the dense runs of "
+    "the row above)",
+    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
+  ),
   "conv_early_bn": (
     "shrink/fmnist_cnn_c75_conv_bn_sched05_35.jsonl",
     "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| per layer "
