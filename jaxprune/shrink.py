@@ -252,6 +252,13 @@ def _unit_vector(kernel_mask):
   return jnp.any(m.reshape(-1, m.shape[-1]), axis=0)
 
 
+def _tied_leaves(params, lin: str, bn: Optional[str]) -> list[str]:
+  """Paths of the per-unit leaves removed with layer ``lin``'s units: its bias and
+  every parameter of the BatchNorm ``bn`` after it."""
+  paths = [f"{lin}/bias"] if "bias" in _get(params, lin) else []
+  return paths + ([f"{bn}/{k}" for k in _get(params, bn)] if bn is not None else [])
+
+
 def tie_masks(
   params, masks, layers: Optional[Sequence[str]] = None, pruned: Optional[Sequence[str]] = None
 ):
@@ -291,11 +298,8 @@ def tie_masks(
         "the hidden layers' kernels)"
       )
     unit = _unit_vector(kmask)
-    if "bias" in _get(params, lin):
-      masks = _replace(masks, f"{lin}/bias", unit)
-    if bn is not None:
-      for k in _get(params, bn):
-        masks = _replace(masks, f"{bn}/{k}", unit)
+    for path in _tied_leaves(params, lin, bn):
+      masks = _replace(masks, path, unit)
     nxt = f"{chain[i + 1][0]}/kernel"
     masks = _replace(masks, nxt, _mask_inputs(_get(params, nxt), _get(masks, nxt), unit, nxt))
   return masks
@@ -451,17 +455,18 @@ def taylor_unit_scores(params, grads, layers: Optional[Sequence[str]] = None):
   unchanged.
   """
   params, grads = _to_dict(params), _to_dict(grads)
+
+  def theta_g(path):
+    return jnp.asarray(_get(params, path), jnp.float32) * jnp.asarray(
+      _get(grads, path), jnp.float32
+    )
+
   scored = params
   for lin, bn in _chain(params, layers):
     kernel = _get(params, f"{lin}/kernel")
-    other = tuple(range(jnp.ndim(kernel) - 1))
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    t = jnp.sum(f32(kernel) * f32(_get(grads, f"{lin}/kernel")), axis=other)
-    tied = [f"{lin}/bias"] + ([f"{bn}/scale", f"{bn}/bias"] if bn is not None else [])
-    for path in tied:
-      value = _get(params, path)
-      if value is not None:
-        t = t + f32(value) * f32(_get(grads, path))
+    t = jnp.sum(theta_g(f"{lin}/kernel"), axis=tuple(range(jnp.ndim(kernel) - 1)))
+    for path in _tied_leaves(params, lin, bn):
+      t = t + theta_g(path)
     rows = int(np.prod(jnp.shape(kernel)[:-1]))
     unit = jnp.abs(t) / np.float32(np.sqrt(rows))
     scored = _replace(
