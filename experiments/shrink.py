@@ -2,7 +2,7 @@
 
     python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
         [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale|taylor]
-        [--layers=hidden|conv] [--steps_factor=1.0]
+        [--layers=hidden|conv] [--layer_targets=Conv_0=0.5,...] [--steps_factor=1.0]
         [--seed=0] [--config.KEY=VALUE ...]
 
 Two runs of the config's model, optimizer, learning-rate schedule, data order
@@ -12,7 +12,8 @@ and number of steps, with the same seed:
 - shrink: gradual neuron/channel pruning to `--target` of the units of every
   hidden layer (`--layers=hidden`, the default; the output layer is kept whole)
   or of the Conv layers only (`--layers=conv`; Dense hidden layers keep their
-  width), ranked by the L2 norm of their
+  width; `--layer_targets` gives named layers a fraction of their own), ranked by
+  the L2 norm of their
   kernel (`--score=magnitude`, the default) or, in a layer followed by a
   BatchNorm, by the absolute BatchNorm scale (`--score=bn_scale`, network
   slimming's criterion; BatchNorm makes the kernel's scale irrelevant to the
@@ -67,7 +68,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +212,7 @@ def shrink_algorithm(
   ranking: str = "layer",
   keep_whole: Sequence[str] = (),
   bn_l1: float = 0.0,
+  layer_targets: Optional[Mapping[str, float]] = None,
 ):
   """Tied gradual pruning of the units of every hidden layer (or of the Conv
   layers only, `layers="conv"`), ranked by the L2 norm of their kernel
@@ -224,7 +226,8 @@ def shrink_algorithm(
   slimming's global ranking) or of the Taylor estimate (`global_magnitude` with neuron/channel units;
   each layer keeps at least one unit). `bn_l1 > 0` adds network slimming's L1
   term on those BatchNorm scales while pruning runs (`bn_l1_penalty`; needs
-  `score="bn_scale"`)."""
+  `score="bn_scale"`). `layer_targets` gives named layers a fraction of their
+  own instead of `target` (`jaxprune.per_layer`; per-layer ranking only)."""
   if score not in SCORES:
     raise ValueError(f"--score={score!r}: expected one of {', '.join(SCORES)}")
   if ranking not in RANKINGS:
@@ -234,6 +237,20 @@ def shrink_algorithm(
   names = pruned_layers(params, layers, keep_whole)
   if ranking == "global":
     check_global_ranking(params, names, score)
+  layer_targets = dict(layer_targets or {})
+  if layer_targets and ranking != "layer":
+    raise train.ConfigError(
+      "--layer_targets sets each named layer's fraction: it needs --ranking=layer "
+      f"(got --ranking={ranking}, one threshold over all layers)"
+    )
+  for name, fraction in layer_targets.items():
+    if name not in names:
+      raise train.ConfigError(
+        f"--layer_targets: {name!r} is not one of the layers this run shrinks "
+        f"(--layers={layers}): {', '.join(names)}"
+      )
+    if not 0.0 < fraction < 1.0:
+      raise train.ConfigError(f"--layer_targets: {name}={fraction} must be in (0, 1)")
   bn_l1_layers = []
   if bn_l1:
     if score != "bn_scale":
@@ -246,6 +263,9 @@ def shrink_algorithm(
   algo = jaxprune.create(
     "gradual_magnitude" if ranking == "layer" else "global_magnitude",
     sparsity=float(target),
+    distribution=jaxprune.per_layer({f"{n}/kernel": float(f) for n, f in layer_targets.items()})
+    if layer_targets
+    else "uniform",
     sparsity_type=sparsity_type,
     include=include,
     start_step=start,
@@ -263,6 +283,7 @@ def shrink_algorithm(
     keep_whole=list(keep_whole),
     bn_l1=float(bn_l1),
     bn_l1_layers=bn_l1_layers,
+    layer_targets={n: float(f) for n, f in sorted(layer_targets.items())},
   )
   return shrink.tie_units(algo)._replace(config={**algo.config, **extra})
 
@@ -408,6 +429,7 @@ class Run:
       "ranking",
       "keep_whole",
       "bn_l1",
+      "layer_targets",
     )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
@@ -436,6 +458,7 @@ class Run:
         "ranking": "layer",
         "keep_whole": [],
         "bn_l1": 0.0,
+        "layer_targets": {},
       }
       saved["algorithm"] = {**defaults, **saved["algorithm"]}
     recipe = self._recipe()
@@ -444,7 +467,8 @@ class Run:
         raise ckpt.ConfigMismatchError(
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
-          "--compact_at, --steps_factor, --sparsity_type, --score, --layers, --ranking, --keep_whole or --bn_l1 differ); use another --workdir"
+          "--compact_at, --steps_factor, --sparsity_type, --score, --layers, --ranking, --keep_whole, "
+          "--bn_l1 or --layer_targets differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):
@@ -590,6 +614,27 @@ def _fractions(text: str, flag: str) -> tuple:
     raise train.ConfigError(f"{flag}={text!r}: expected comma-separated numbers") from None
 
 
+def _layer_targets(text: str) -> dict:
+  """`--layer_targets` "Conv_0=0.5,Conv_1=0.875" as {layer: fraction}."""
+  out = {}
+  for item in (t.strip() for t in text.split(",")):
+    if not item:
+      continue
+    name, eq, value = item.partition("=")
+    try:
+      fraction = float(value)
+    except ValueError:
+      fraction = None
+    if not eq or not name.strip() or fraction is None:
+      raise train.ConfigError(
+        f"--layer_targets={text!r}: expected comma-separated LAYER=FRACTION, got {item!r}"
+      )
+    if name.strip() in out:
+      raise train.ConfigError(f"--layer_targets={text!r}: {name.strip()!r} is given twice")
+    out[name.strip()] = fraction
+  return out
+
+
 def parse_args(argv: Sequence[str]):
   p = argparse.ArgumentParser(
     prog="python -m experiments.shrink", description=__doc__.split("\n")[0]
@@ -625,6 +670,12 @@ def parse_args(argv: Sequence[str]):
     "--keep_whole",
     default="",
     help="comma-separated layers (e.g. Conv_0) that --layers would shrink but keep every unit",
+  )
+  p.add_argument(
+    "--layer_targets",
+    default="",
+    help="comma-separated LAYER=FRACTION (e.g. Conv_0=0.5,Conv_1=0.875): the fraction of "
+    "those layers' units removed instead of --target (per-layer ranking)",
   )
   p.add_argument(
     "--ranking",
@@ -668,6 +719,7 @@ def parse_args(argv: Sequence[str]):
     raise train.ConfigError(f"--target must be in (0, 1), got {args.target}")
   args.compact_at = _fractions(args.compact_at, "--compact_at")
   args.keep_whole = tuple(n.strip() for n in args.keep_whole.split(",") if n.strip())
+  args.layer_targets = _layer_targets(args.layer_targets)
   args.schedule = _fractions(args.schedule, "--schedule")
   if len(args.schedule) != 2 or not 0.0 <= args.schedule[0] < args.schedule[1] <= 1.0:
     raise train.ConfigError(
@@ -711,6 +763,7 @@ def run(args, config, out=None) -> dict:
     args.ranking,
     args.keep_whole,
     args.bn_l1,
+    args.layer_targets,
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, small_steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -734,6 +787,11 @@ def run(args, config, out=None) -> dict:
     f"[shrink] {config.name}: target {args.target} {args.sparsity_type} sparsity "
     f"({args.layers} layers"
     + (f" but {', '.join(args.keep_whole)}" if args.keep_whole else "")
+    + (
+      " with " + ", ".join(f"{n} {f}" for n, f in args.layer_targets.items())
+      if args.layer_targets
+      else ""
+    )
     + f", {args.ranking} ranking by {args.score}"
     + (f", L1 {args.bn_l1} on BatchNorm scales" if args.bn_l1 else "")
     + "), schedule "
@@ -785,6 +843,7 @@ def run(args, config, out=None) -> dict:
     "layers": args.layers,
     "ranking": args.ranking,
     "keep_whole": list(args.keep_whole),
+    "layer_targets": dict(args.layer_targets),
     "bn_l1": args.bn_l1,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),

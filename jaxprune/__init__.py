@@ -13,7 +13,7 @@ from jaxprune.algorithms.magnitude import global_magnitude, gradual_magnitude, m
 from jaxprune.algorithms.random import dense, fixed, random, static
 from jaxprune.algorithms.saliency import global_saliency, saliency
 from jaxprune.algorithms.ste import sr_ste, ste, straight_through
-from jaxprune.distributions import erk, uniform
+from jaxprune.distributions import erk, per_layer, uniform
 from jaxprune.flops import Flops, LayerFlops, flops
 from jaxprune.masks import apply_masks, check_masks, magnitude_masks, random_masks
 from jaxprune.paths import path_str
@@ -54,6 +54,7 @@ __all__ = [
   "magnitude_masks",
   "oneshot",
   "path_str",
+  "per_layer",
   "random",
   "random_masks",
   "register",

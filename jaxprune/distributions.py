@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from jaxprune.paths import Include, pruned_leaves
+from jaxprune.paths import Include, path_str, pruned_leaves
 
 
 def _check_sparsity(sparsity):
@@ -79,6 +80,60 @@ def erk(params, sparsity: float, include: Include = None, power_scale: float = 1
   return jax.tree.unflatten(treedef, result)
 
 
+def per_layer(targets: Mapping[str, float]):
+  """A distribution with a sparsity of its own for named layers or leaves.
+
+  ``targets`` maps a layer (``"Conv_0"``: every pruned leaf under it) or a leaf
+  path (``"Conv_0/kernel"``) to its sparsity; the other pruned leaves get the
+  global ``sparsity``, leaves that are not pruned 0.0. Use it to spare a layer
+  that the uniform split cuts too deep (the first convolution, say) or to split
+  a budget of units by hand. A key that names no pruned leaf is an error.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> params = {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 32))},
+    ...           "Conv_1": {"kernel": jnp.ones((3, 3, 32, 64))}}
+    >>> per_layer({"Conv_0": 0.5})(params, 0.75)
+    {'Conv_0': {'kernel': 0.5}, 'Conv_1': {'kernel': 0.75}}
+  """
+  targets = dict(targets)
+  for key, value in targets.items():
+    try:
+      _check_sparsity(value)
+    except ValueError:
+      raise ValueError(
+        f"per_layer: the sparsity of {key!r} must be a number in [0, 1), got {value!r}"
+      ) from None
+
+  def distribution(params, sparsity: float, include: Include = None):
+    _check_sparsity(sparsity)
+    pruned = pruned_leaves(params, include)
+    used = set()
+
+    def leaf(path, sel):
+      if not sel:
+        return 0.0
+      name = path_str(path)
+      for key, value in targets.items():
+        if name == key or name.startswith(key + "/"):
+          used.add(key)
+          return float(value)
+      return float(sparsity)
+
+    out = jax.tree_util.tree_map_with_path(leaf, pruned)
+    unused = [k for k in targets if k not in used]
+    if unused:
+      names = [path_str(p) for p, s in jax.tree_util.tree_flatten_with_path(pruned)[0] if s]
+      raise ValueError(
+        f"per_layer: {', '.join(map(repr, unused))} names no pruned leaf; pruned leaves: "
+        f"{', '.join(names)}"
+      )
+    return out
+
+  distribution.__name__ = "per_layer"
+  return distribution
+
+
 def resolve(distribution, params, sparsity: float, include: Include = None):
   """Per-leaf sparsities from a distribution name or callable."""
   if distribution == "uniform":
@@ -93,7 +148,6 @@ def resolve(distribution, params, sparsity: float, include: Include = None):
 def _checked(sparsities, params, distribution):
   """A callable distribution's result, checked: the params' tree structure, and
   per leaf a real number in [0, 1) (returned as Python floats)."""
-  from jaxprune.paths import path_str
 
   name = getattr(distribution, "__name__", repr(distribution))
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)

@@ -158,6 +158,47 @@ def test_cli_keep_whole_names_a_layer_that_is_not_shrunk(capsys, extra, message)
   assert message in out.err, out.err[-2000:]
 
 
+def test_cli_layer_targets_split_the_channels_by_hand_and_are_part_of_the_recipe(capsys, tmp_path):
+  argv = [*TINY, "--chunk=10", "--rounds=1", "--skip_dense", "--layers=conv"]
+  workdir = f"--workdir={tmp_path}"
+  code, out = _main(capsys, *argv, "--layer_targets=Conv_0=0.5,Conv_1=0.875", workdir)
+  assert code == 0, out.err[-3000:]
+  result = json.loads(out.out.strip().splitlines()[-1])
+  assert result["layer_targets"] == {"Conv_0": 0.5, "Conv_1": 0.875}
+  assert "with Conv_0 0.5, Conv_1 0.875" in out.out
+  assert result["widths_after"] == [2, 1, 16]  # 4 * (1 - 0.5), 8 * (1 - 0.875); Dense kept
+  assert [c["step"] for c in result["compactions"]] == [15, 25]
+  # A run with the uniform split refuses the finished run's checkpoint, naming the flag.
+  code, out = _main(capsys, *argv, workdir)
+  assert code == 2
+  assert "'layer_targets': {'Conv_0': 0.5, 'Conv_1': 0.875}" in out.err, out.err[-2000:]
+  assert "--layer_targets differ" in out.err
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (
+      ["--layer_targets=Dense_0=0.5"],
+      "--layer_targets: 'Dense_0' is not one of the layers this run shrinks (--layers=conv): "
+      "Conv_0, Conv_1",
+    ),
+    (["--layer_targets=Conv_0=1"], "--layer_targets: Conv_0=1.0 must be in (0, 1)"),
+    (["--layer_targets=Conv_0"], "expected comma-separated LAYER=FRACTION, got 'Conv_0'"),
+    (["--layer_targets=Conv_0=half"], "got 'Conv_0=half'"),
+    (["--layer_targets=Conv_0=0.5,Conv_0=0.6"], "'Conv_0' is given twice"),
+    (
+      ["--layer_targets=Conv_0=0.5", "--score=taylor", "--ranking=global"],
+      "--layer_targets sets each named layer's fraction: it needs --ranking=layer",
+    ),
+  ],
+)
+def test_cli_layer_targets_name_the_bad_layer_or_value(capsys, extra, message):
+  code, out = _main(capsys, *TINY, "--layers=conv", *extra)
+  assert code == 2
+  assert message in out.err, out.err[-2000:]
+
+
 @pytest.mark.parametrize(
   "extra, message",
   [

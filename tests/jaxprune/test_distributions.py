@@ -54,3 +54,36 @@ def test_uniform_and_include_regex():
 def test_erk_skips_zero_size_leaves():
   s = jaxprune.erk({"z": jnp.zeros((0, 5)), "w": jnp.ones((4, 4))}, 0.5)
   assert s["z"] == 0.0 and s["w"] == pytest.approx(0.5)
+
+
+@given(
+  widths=st.lists(st.integers(1, 40), min_size=2, max_size=5),
+  sparsity=st.floats(0.0, 0.95),
+  own=st.floats(0.0, 0.95),
+  chosen=st.integers(0, 4),
+)
+def test_per_layer_gives_named_layers_their_own_sparsity_and_the_rest_the_global_one(
+  widths, sparsity, own, chosen
+):
+  params = {
+    f"Dense_{i}": {"kernel": jnp.zeros((w, w + 1)), "bias": jnp.zeros(w + 1)}
+    for i, w in enumerate(widths)
+  }
+  name = f"Dense_{chosen % len(widths)}"
+  s = jaxprune.per_layer({name: own})(params, sparsity, include="kernel")
+  for layer, leaves in s.items():
+    assert leaves["bias"] == 0.0  # not pruned
+    assert leaves["kernel"] == (own if layer == name else sparsity)
+  # A leaf path names that leaf alone.
+  s = jaxprune.per_layer({f"{name}/kernel": own})(params, sparsity, include="kernel")
+  assert s[name]["kernel"] == own
+
+
+def test_per_layer_names_a_key_that_matches_no_pruned_leaf():
+  params = {"Conv_0": {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.zeros(4)}}
+  with pytest.raises(
+    ValueError, match="'Conv_9' names no pruned leaf; pruned leaves: Conv_0/kernel"
+  ):
+    jaxprune.per_layer({"Conv_9": 0.5})(params, 0.5, include="kernel")
+  with pytest.raises(ValueError, match="sparsity of 'Conv_0' must be a number in"):
+    jaxprune.per_layer({"Conv_0": 1.5})
