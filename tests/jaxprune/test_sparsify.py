@@ -219,21 +219,29 @@ def test_regrown_entries_start_at_zero_with_zero_adam_state():
   algo = jaxprune.create("rigl", sparsity=0.8, end_step=100, update_every=3, drop_fraction=0.5)
   tx = jaxprune.sparsify(optax.adamw(1e-2, weight_decay=0.1), algo)
   previous = {}
+  grew = []  # (step, leaf index) of every leaf that grew entries
 
   def check(i, p, s):
     masks = jaxprune.get_masks(s)
     assert_zeros_where_masked(p, masks)
     if "masks" in previous:
-      moments = _per_param_state(s, p)
-      for path_leaves in zip(
+      moments = [jax.tree.leaves(m) for m in _per_param_state(s, p)]
+      assert len(moments) == 2  # Adam's mu and nu
+      leaves = zip(
         jax.tree.leaves(previous["masks"]), jax.tree.leaves(masks), jax.tree.leaves(p), *moments
-      ):
-        old, new, w, *state = (np.asarray(x) for x in path_leaves)
+      )
+      for k, (old, new, w, *state) in enumerate(leaves):
+        w, state = np.asarray(w), [np.asarray(x) for x in state]
+        old, new = (np.broadcast_to(np.asarray(m), w.shape) for m in (old, new))
         grown = new & ~old
-        if old.ndim and i % 3 == 2:  # steps 3, 6, ... (count before the step) update masks
-          assert grown.any()
-        assert np.all(w[grown] == 0.0)
-        assert all(np.all(x[grown] == 0.0) for x in state)
+        if grown.any():
+          grew.append((i, k))
+        assert np.all(w[grown] == 0.0), (i, k)
+        assert all(np.all(x[grown] == 0.0) for x in state), (i, k)
     previous["masks"] = masks
 
   train(tx, params, loss_fn, 9, callback=check)
+  # The masks change on the steps that see counts 3 and 6, and every kernel grows there.
+  kernels = [k for k, m in enumerate(jax.tree.leaves(previous["masks"])) if np.ndim(m) == 2]
+  assert len(kernels) == 3
+  assert grew == [(i, k) for i in (3, 6) for k in kernels]
