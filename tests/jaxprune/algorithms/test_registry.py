@@ -135,4 +135,5 @@ def test_typed_factory_trains_like_create():
   b = jaxprune.create("magnitude", sparsity=0.5).update(
     0, params, params, {"w": jnp.ones((4, 4), bool)}, ()
   )
-  assert bool(jnp.all(a[0]["w"] == b[0]["w"])) and int(jnp.sum(a[0]["w"])) == 8
+  want = jnp.arange(16).reshape(4, 4) >= 8  # the 8 largest of 0..15 kept
+  assert bool(jnp.all(a[0]["w"] == want)) and bool(jnp.all(b[0]["w"] == want))
