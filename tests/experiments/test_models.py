@@ -1,5 +1,6 @@
 """Tests of experiments/models.py: shapes, parameter counts, BatchNorm state."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -136,7 +137,8 @@ def test_batchnorm_state_in_train_and_eval_mode():
   np.testing.assert_allclose(eval_all[:1], eval_one[:1], rtol=1e-5, atol=1e-5)
   train_one, _ = train_fn(updated, jnp.concatenate([x[:1], x[:1] * 0 + 5.0]))
   assert not np.allclose(train_one[:1], logits[:1], atol=1e-4)
-  with pytest.raises(Exception):  # Train mode needs a mutable batch_stats.
+  # Train mode needs a mutable batch_stats.
+  with pytest.raises(flax.errors.ModifyScopeVariableError, match="batch_stats"):
     model.apply(updated, x, train=True)
 
 

@@ -91,9 +91,13 @@ def test_nm_compress_round_trip(nm, groups, other, conv, seed):
   back = np.asarray(E.nm_decompress(values, indices, n, m, axis=axis))
   np.testing.assert_array_equal(back, ws)
   assert back.dtype == ws.dtype
-  # With the mask given, kept zeros survive the trip too.
-  v2, i2 = E.nm_compress(ws, n, m, axis=axis, mask=mask)
-  np.testing.assert_array_equal(np.asarray(E.nm_decompress(v2, i2, n, m, axis=axis)) != 0, ws != 0)
+  # With the mask given, kept entries that are zero keep their slots: some kept entries
+  # are set to 0.0, and the recorded slots still mark exactly the mask.
+  w0 = np.where(mask & (rng.random(shape) < 0.5), 0.0, ws).astype(np.float32)
+  v2, i2 = E.nm_compress(w0, n, m, axis=axis, mask=mask)
+  np.testing.assert_array_equal(np.asarray(E.nm_decompress(v2, i2, n, m, axis=axis)), w0)
+  slots = np.asarray(E.nm_decompress(jnp.ones_like(v2), i2, n, m, axis=axis)) != 0
+  np.testing.assert_array_equal(slots, mask)
 
 
 def test_nm_compress_layout_and_errors():
@@ -126,6 +130,7 @@ def test_checkpoint_round_trip_exact(tmp_path):
   path = tmp_path / "ckpt.jxp"
   E.save_compressed(path, params, masks)
   loaded, lmasks = E.load_compressed(path, return_masks=True)
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
   for a, b, m in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), jax.tree.leaves(masks)):
     assert b.dtype == jnp.asarray(a).dtype
     np.testing.assert_array_equal(np.asarray(b), np.where(m, np.asarray(a), 0))

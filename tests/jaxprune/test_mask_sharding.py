@@ -20,6 +20,15 @@ SCRIPT = textwrap.dedent("""
     spec = NamedSharding(mesh, P(None, "model"))
     params = {"w": jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (64, 32)), spec),
               "b": jnp.zeros(32)}
+    GATHER = r"= \\w+\\[([\\d,]*)\\][^=]*all-gather\\("
+
+    def gathered_sizes(hlo):
+        return [math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(GATHER, hlo)]
+
+    # Control: the pattern finds the gather of a function that replicates the parameter.
+    replicate = jax.jit(lambda w: w * 2.0, out_shardings=NamedSharding(mesh, P()))
+    control = gathered_sizes(replicate.lower(params["w"]).compile().as_text())
+    assert 64 * 32 in control, control
     cases = [("rigl", {}), ("set", {}), ("static", {}), ("gradual_magnitude", {}),
              ("rigl", {"sparsity_type": "2:4"}), ("gradual_magnitude", {"sparsity_type": "neuron"})]
     for name, extra in cases:
@@ -42,8 +51,7 @@ SCRIPT = textwrap.dedent("""
             assert int(state.masks["w"].sum()) == 64 * 32 - int(0.9 * 64 * 32), name
         hlo = step.lower(p, state).compile().as_text()
         # Never a parameter: at most the per-unit norms that rank neurons (32 floats).
-        gathered = [math.prod(int(d) for d in dims.split(",") if d)
-                    for dims in re.findall(r"= \w+\[([\d,]*)\][^=]*all-gather\(", hlo)]
+        gathered = gathered_sizes(hlo)
         if extra.get("sparsity_type") == "neuron":
             assert all(n <= 32 for n in gathered), (name, extra, gathered)
         else:

@@ -142,6 +142,7 @@ def test_f32_round_trip_and_metadata(tiny, tmp_path):
   assert n == os.path.getsize(out)
   cfg, back = loader.load_gguf(out)
   assert cfg == TINY._replace(norm_eps=cfg.norm_eps)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(back)):
     assert np.array_equal(a, b), path
   r_src, r_out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))

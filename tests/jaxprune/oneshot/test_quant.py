@@ -422,7 +422,9 @@ def test_compress_sequential(two_blocks, method, target, quantizer):
     np.testing.assert_array_equal(b["up"]["bias"], old["up"]["bias"])
   # the outputs are those of the compressed blocks
   y = [fn(new[1], fn(new[0], x)) for x in xs]
-  np.testing.assert_allclose(out[0], y[0], rtol=1e-5, atol=1e-5)
+  assert len(xs) == 2
+  for got, want in zip(out, y):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_prune_sequential_equals_compress_without_quant(two_blocks):
