@@ -34,7 +34,7 @@ def _run(workdir):
   return summary, out.getvalue()
 
 
-def test_lottery_round_with_controls_json_last_and_resume(tmp_path):
+def test_lottery_round_with_controls_json_last_and_resume(tmp_path, monkeypatch):
   summary, text = _run(str(tmp_path))
   assert json.loads(text.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
   rows = summary["rows"]
@@ -49,7 +49,21 @@ def test_lottery_round_with_controls_json_last_and_resume(tmp_path):
   )
   w = np.asarray(ticket["Dense_0"]["kernel"])
   assert np.count_nonzero(w) == w.size // 2
-  # a rerun finds every run finished and only reads the results back
+  # ... exactly the entries that pruning round 0's final weights keeps
+  flags, _ = lottery.split_argv([*ARGS, f"--config.workdir={tmp_path}"])
+  round_0 = lottery._load(os.path.join(tmp_path, "round_0/final.msgpack"), ticket)
+  masks = lottery.prune(
+    round_0, lottery.dense_masks(round_0), flags["prune_fraction"], flags["scope"]
+  )
+  for layer in ("Dense_0", "Dense_1"):
+    kept = np.asarray(masks[layer]["kernel"])
+    np.testing.assert_array_equal(np.asarray(ticket[layer]["kernel"]) != 0, kept, err_msg=layer)
+
+  # a rerun finds every run finished and only reads the results back: nothing trains
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished run was trained again")
+
+  monkeypatch.setattr(lottery, "run_one", no_training)
   again, _ = _run(str(tmp_path))
   assert again["rows"] == rows
 
