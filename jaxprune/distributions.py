@@ -148,7 +148,6 @@ def resolve(distribution, params, sparsity: float, include: Include = None):
 def _checked(sparsities, params, distribution):
   """A callable distribution's result, checked: the params' tree structure, and
   per leaf a real number in [0, 1) (returned as Python floats)."""
-
   name = getattr(distribution, "__name__", repr(distribution))
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
   try:

@@ -83,6 +83,7 @@ def _restrict_by_hand(tree, kept):
   a reference written apart from shrink.restrict. Dense_0 reads the flattened (h, w, c) maps
   of Conv_1's 6 channels: row r is channel r % 6."""
   k0, k1, kd = kept["Conv_0"], kept["Conv_1"], kept["Dense_0"]
+  read = set(k1.tolist())  # the Conv_1 channels Dense_0 still reads
 
   def leaf(path, x):
     x = np.asarray(x)
@@ -97,7 +98,7 @@ def _restrict_by_hand(tree, kept):
     if layer in ("Conv_1", "BatchNorm_1"):
       return np.take(x, k1, axis=-1)
     if layer == "Dense_0" and name == "kernel":
-      rows = [r for r in range(x.shape[0]) if r % 6 in set(k1.tolist())]
+      rows = [r for r in range(x.shape[0]) if r % 6 in read]
       return np.take(np.take(x, rows, axis=0), kd, axis=1)
     if layer == "Dense_0":
       return np.take(x, kd, axis=-1)
