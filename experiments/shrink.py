@@ -1,7 +1,7 @@
 """Shrink while training, against dense training of the same model, side by side.
 
     python -m experiments.shrink --config=experiments/configs/fmnist_cnn.py \\
-        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale|taylor]
+        [--target=0.75] [--compact_at=0.25,0.5,0.75,1.0] [--score=magnitude|bn_scale|taylor|taylor_mean]
         [--layers=hidden|conv] [--layer_targets=Conv_0=0.5,...] [--steps_factor=1.0]
         [--seed=0] [--config.KEY=VALUE ...]
 
@@ -19,7 +19,9 @@ and number of steps, with the same seed:
   slimming's criterion; BatchNorm makes the kernel's scale irrelevant to the
   function), or by the first-order Taylor estimate of the loss change when the
   unit is removed, from the gradients of the update step's batch
-  (`--score=taylor`, Molchanov et al. 2019), on the cubic schedule of Zhu & Gupta (2017) from `--schedule`
+  (`--score=taylor`, Molchanov et al. 2019) or, as in the paper, its square
+  averaged over every batch since the previous mask update (`--score=taylor_mean`),
+  on the cubic schedule of Zhu & Gupta (2017) from `--schedule`
   (fractions of the steps, default 10% to 60% as in the fmnist_mlp recipe), a mask update every
   `update_every` steps (the config's, default 100). Each unit's bias and
   BatchNorm parameters are pruned with it (`jaxprune.shrink.tie_units`). After
@@ -143,7 +145,7 @@ def resized(model, widths: Sequence[int]):
   )
 
 
-SCORES = ("magnitude", "bn_scale", "taylor")
+SCORES = ("magnitude", "bn_scale", "taylor", "taylor_mean")
 RANKINGS = ("layer", "global")
 
 
@@ -172,10 +174,11 @@ def check_global_ranking(params, names: Sequence[str], score: str) -> None:
   """`--ranking=global` compares units across layers: kernel norms are not comparable
   there (they depend on fan-in and, under BatchNorm, mean nothing), so it needs
   `--score=bn_scale` with a BatchNorm after every pruned layer, or `--score=taylor`
-  (estimated loss changes, comparable in any layer)."""
-  if score not in ("bn_scale", "taylor"):
+  or `taylor_mean` (estimated loss changes, comparable in any layer)."""
+  if score not in ("bn_scale", "taylor", "taylor_mean"):
     raise train.ConfigError(
-      f"--ranking=global needs --score=bn_scale or --score=taylor (got --score={score}): "
+      "--ranking=global needs --score=bn_scale, taylor or taylor_mean "
+      f"(got --score={score}): "
       "kernel norms of different layers are not comparable"
     )
   if score == "bn_scale":
@@ -220,7 +223,9 @@ def shrink_algorithm(
   BatchNorm scale (`"bn_scale"`, network slimming, Liu et al. 2017;
   `jaxprune.shrink.score_by_batchnorm_scale`) or by the first-order Taylor
   estimate of the loss change when the unit is removed (`"taylor"`, Molchanov
-  et al. 2019; `jaxprune.shrink.score_by_taylor`). `ranking="layer"` removes
+  et al. 2019; `jaxprune.shrink.score_by_taylor`): of the update step's batch
+  (`"taylor"`) or its square averaged over the batches since the previous mask
+  update (`"taylor_mean"`, the paper's). `ranking="layer"` removes
   `target` of each layer's units (`gradual_magnitude`); `"global"` removes
   `target` of all their units on one threshold of |BatchNorm scale| (network
   slimming's global ranking) or of the Taylor estimate (`global_magnitude` with neuron/channel units;
@@ -276,6 +281,8 @@ def shrink_algorithm(
     algo = shrink.score_by_batchnorm_scale(algo)
   elif score == "taylor":
     algo = shrink.score_by_taylor(algo)
+  elif score == "taylor_mean":
+    algo = shrink.score_by_taylor(algo, average=True)
   extra = dict(
     score=score,
     layers=layers,
@@ -664,7 +671,9 @@ def parse_args(argv: Sequence[str]):
     default="magnitude",
     choices=SCORES,
     help="unit ranking: kernel L2 norm, |BatchNorm scale| where a BatchNorm follows, or the "
-    "first-order Taylor estimate of the loss change when the unit is removed",
+    "first-order Taylor estimate of the loss change when the unit is removed (taylor: the "
+    "update step's batch; taylor_mean: its square averaged over the batches since the "
+    "previous mask update, the paper's)",
   )
   p.add_argument(
     "--keep_whole",
@@ -682,7 +691,7 @@ def parse_args(argv: Sequence[str]):
     default="layer",
     choices=RANKINGS,
     help="remove --target of each layer's units, or of all pruned units on one global "
-    "threshold (needs --score=bn_scale, network slimming, or --score=taylor)",
+    "threshold (needs --score=bn_scale, network slimming, or --score=taylor/taylor_mean)",
   )
   p.add_argument(
     "--bn_l1",

@@ -20,7 +20,8 @@ with smaller arrays, computing what the masked full-size model computes:
   instead of the kernel's norm, which BatchNorm makes meaningless.
 * :func:`score_by_taylor` ranks units by the first-order Taylor estimate of
   the loss change when the unit and its bias and BatchNorm are removed
-  (Molchanov et al. 2019), from the gradients of the update step.
+  (Molchanov et al. 2019), from the gradients of the update step or, as in the
+  paper, averaged over the batches between mask updates (``average=True``).
 * :func:`compact_state` removes the pruned units from params, BatchNorm
   statistics and the optimizer state -- every leaf of an optimizer-state
   sub-tree shaped like the params (Adam's moments, momentum traces, the masks of
@@ -66,7 +67,10 @@ __all__ = [
   "tie_units",
   "batchnorm_scale_scores",
   "score_by_batchnorm_scale",
+  "taylor_unit_estimates",
+  "unit_scores_as_kernels",
   "taylor_unit_scores",
+  "TaylorAverageState",
   "score_by_taylor",
   "identity_index",
   "index_from_kept",
@@ -436,23 +440,18 @@ def score_by_batchnorm_scale(
   return algorithm._replace(init=init, update=update)
 
 
-def taylor_unit_scores(params, grads, layers: Optional[Sequence[str]] = None):
-  """``params`` with each unit of every Dense/Conv kernel rescaled to norm ``|T_c|``.
+def taylor_unit_estimates(params, grads, layers: Optional[Sequence[str]] = None) -> dict:
+  """``{layer path: T}``, the first-order Taylor estimate of every unit of every
+  Dense/Conv layer: ``T_c = sum_theta theta * dL/dtheta`` over every parameter
+  that goes with unit ``c`` (:func:`tie_units`): its kernel column, its bias, and
+  the scale and offset of the BatchNorm after it.
 
-  ``T_c = sum_theta theta * dL/dtheta`` over every parameter that goes with unit
-  ``c`` (:func:`tie_units`): its kernel column, its bias, and the scale and
-  offset of the BatchNorm after it. Removing the unit sets all of them to 0, so
-  ``-T_c`` is the first-order Taylor estimate of the loss change (Molchanov et
-  al. 2019, "Importance Estimation for Neural Network Pruning", the group
-  criterion). Under BatchNorm the kernel's share is ~0 (the output does not
-  depend on the kernel's scale) and the score is that of a gate after the
-  BatchNorm, ``gamma * g_gamma + beta * g_beta``, the paper's Taylor-FO-BN.
-  ``grads`` are one batch's gradients (the paper averages the squared estimate
-  over the batches between pruning steps; here it is the batch of the update
-  step). The returned tree, meant only for scoring, holds every kernel with all
-  entries of unit ``c`` equal to ``|T_c| / sqrt(fan_in)``, so the unit L2 norms
-  that neuron/channel magnitude pruning ranks are ``|T_c|``. Other leaves are
-  unchanged.
+  Removing the unit sets all of them to 0, so ``-T_c`` is the first-order
+  estimate of the loss change (Molchanov et al. 2019, "Importance Estimation for
+  Neural Network Pruning", the group criterion). Under BatchNorm the kernel's
+  share is ~0 (the output does not depend on the kernel's scale) and ``T_c`` is
+  that of a gate after the BatchNorm, ``gamma * g_gamma + beta * g_beta``, the
+  paper's Taylor-FO-BN. Each ``T`` is a float32 vector, one entry per unit.
   """
   params, grads = _to_dict(params), _to_dict(grads)
 
@@ -461,35 +460,137 @@ def taylor_unit_scores(params, grads, layers: Optional[Sequence[str]] = None):
       _get(grads, path), jnp.float32
     )
 
-  scored = params
+  estimates = {}
   for lin, bn in _chain(params, layers):
     kernel = _get(params, f"{lin}/kernel")
     t = jnp.sum(theta_g(f"{lin}/kernel"), axis=tuple(range(jnp.ndim(kernel) - 1)))
     for path in _tied_leaves(params, lin, bn):
       t = t + theta_g(path)
+    estimates[lin] = t
+  return estimates
+
+
+def unit_scores_as_kernels(params, scores: Mapping[str, Any]):
+  """``params`` with the kernel of every layer in ``scores`` replaced by one whose
+  unit ``c`` has every entry ``scores[layer][c] / sqrt(fan_in)``: its unit L2
+  norms, what neuron/channel magnitude pruning ranks, are ``scores[layer]``
+  (non-negative). Meant only for scoring; other leaves are unchanged."""
+  scored = _to_dict(params)
+  for lin, unit in scores.items():
+    kernel = _get(scored, f"{lin}/kernel")
     rows = int(np.prod(jnp.shape(kernel)[:-1]))
-    unit = jnp.abs(t) / np.float32(np.sqrt(rows))
+    unit = jnp.asarray(unit, jnp.float32) / np.float32(np.sqrt(rows))
     scored = _replace(
       scored, f"{lin}/kernel", jnp.broadcast_to(unit, jnp.shape(kernel)).astype(kernel.dtype)
     )
   return scored
 
 
-def score_by_taylor(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> Algorithm:
-  """``algorithm`` deciding its masks on :func:`taylor_unit_scores` of the params and
-  the gradients of the update step (Molchanov et al. 2019).
+def taylor_unit_scores(params, grads, layers: Optional[Sequence[str]] = None):
+  """``params`` with each unit of every Dense/Conv kernel rescaled to norm ``|T_c|``
+  (:func:`taylor_unit_estimates` of one batch's ``grads``).
 
-  For a neuron/channel magnitude algorithm this ranks every Dense/Conv layer's
-  units by the first-order Taylor estimate of the loss change when the unit
-  (with its bias and BatchNorm) is removed. Only the scores change; at ``init``
-  (no gradients yet) the kernel norms are used. Compose it inside
-  :func:`tie_units`: ``tie_units(score_by_taylor(a))``.
+  The returned tree, meant only for scoring, holds every kernel with all
+  entries of unit ``c`` equal to ``|T_c| / sqrt(fan_in)``, so the unit L2 norms
+  that neuron/channel magnitude pruning ranks are ``|T_c|``. Other leaves are
+  unchanged.
+  """
+  estimates = taylor_unit_estimates(params, grads, layers)
+  return unit_scores_as_kernels(params, {k: jnp.abs(t) for k, t in estimates.items()})
+
+
+class TaylorAverageState(NamedTuple):
+  """State of :func:`score_by_taylor` with ``average=True``.
+
+  Attributes:
+    inner: the wrapped algorithm's state.
+    total: ``{layer path: sum of T_c^2}`` over the batches since the last mask
+      update, one float32 entry per unit of the layer's original width.
+    batches: how many batches ``total`` holds (int32 scalar).
   """
 
-  def update(step, params, grads, masks, state):
-    return algorithm.update(step, taylor_unit_scores(params, grads, layers), grads, masks, state)
+  inner: Any
+  total: dict
+  batches: jax.Array
 
-  return algorithm._replace(update=update)
+
+def score_by_taylor(
+  algorithm: Algorithm, layers: Optional[Sequence[str]] = None, average: bool = False
+) -> Algorithm:
+  """``algorithm`` deciding its masks on the first-order Taylor estimate of the
+  loss change when a unit is removed (Molchanov et al. 2019).
+
+  For a neuron/channel magnitude algorithm this ranks every Dense/Conv layer's
+  units by :func:`taylor_unit_estimates` (the unit with its bias and BatchNorm).
+  Only the scores change: the schedule and keep counts are the algorithm's; at
+  ``init`` (no gradients yet) the kernel norms are used. Compose it inside
+  :func:`tie_units`: ``tie_units(score_by_taylor(a))``.
+
+  Args:
+    algorithm: a neuron/channel magnitude algorithm.
+    layers: the forward order of the layers (None: inferred).
+    average: False ranks by ``|T_c|`` of the update step's batch alone. True is
+      the paper's estimate: ``T_c^2`` is accumulated on every step (the
+      returned algorithm's ``is_update_step`` is true on every step up to the
+      algorithm's ``end_step``, or on every step without one) and the
+      units are ranked on the mean over the batches since the previous mask
+      update, the update step's included; the mean restarts after each update.
+      The accumulators (:class:`TaylorAverageState`) hold one entry per unit
+      of the original widths, so they survive :func:`on_kept_units` and
+      compaction unchanged. The schedule (``flops_schedule``, ``config``) is
+      still the wrapped algorithm's.
+  """
+  if not average:
+
+    def update(step, params, grads, masks, state):
+      return algorithm.update(step, taylor_unit_scores(params, grads, layers), grads, masks, state)
+
+    return algorithm._replace(update=update)
+
+  def init(params):
+    masks, state = algorithm.init(params)
+    total = {
+      lin: jnp.zeros(jnp.shape(_get(_to_dict(params), f"{lin}/kernel"))[-1:], jnp.float32)
+      for lin, _ in _chain(_to_dict(params), layers)
+    }
+    return masks, TaylorAverageState(state, total, jnp.zeros([], jnp.int32))
+
+  end = algorithm.config.get("end_step")
+
+  def every_step(step):  # up to the schedule's last update, where one is known
+    yes = jnp.ones(jnp.shape(step), jnp.bool_)
+    return yes if end is None else yes & (jnp.asarray(step) <= end)
+
+  def update(step, params, grads, masks, state):
+    estimates = taylor_unit_estimates(params, grads, layers)
+    total = {k: v + jnp.square(estimates[k]) for k, v in state.total.items()}
+    batches = state.batches + 1
+
+    def decide(_):
+      mean = {k: jnp.sqrt(v / batches.astype(jnp.float32)) for k, v in total.items()}
+      scored = unit_scores_as_kernels(params, mean)
+      new, inner = algorithm.update(step, scored, grads, masks, state.inner)
+      zeros = jax.tree.map(jnp.zeros_like, total)
+      return new, TaylorAverageState(inner, zeros, jnp.zeros([], jnp.int32))
+
+    def accumulate(_):
+      return masks, TaylorAverageState(state.inner, total, batches)
+
+    # The algorithm may return a scalar mask where it was given a full one (or the
+    # reverse): both branches return masks broadcast to the common shapes.
+    decided = jax.eval_shape(decide, None)[0]
+    shapes = jax.tree.map(lambda n, o: jnp.broadcast_shapes(n.shape, jnp.shape(o)), decided, masks)
+
+    def fit(branch):
+      def run(_):
+        new, st = branch(None)
+        return jax.tree.map(jnp.broadcast_to, new, shapes), st
+
+      return run
+
+    return jax.lax.cond(algorithm.is_update_step(step), fit(decide), fit(accumulate), None)
+
+  return algorithm._replace(init=init, is_update_step=every_step, update=update)
 
 
 # -------------------------------------------------------------------- indices
@@ -717,8 +818,10 @@ def on_kept_units(algorithm: Algorithm, index: UnitIndex) -> Algorithm:
   into the original shapes (removed units: zero weights, False masks), the
   algorithm updates the masks there (keep counts of the original widths; removed
   units score -inf and never return) and the new masks are sliced again. The
-  scatter costs full-size work on update steps only. Algorithm state must not be
-  per-parameter (true of the magnitude and saliency families).
+  scatter costs full-size work on update steps only. The algorithm only ever
+  sees the original shapes, so its state (per-unit accumulators such as
+  :class:`TaylorAverageState` included) stays in the original numbering and
+  passes through compactions unchanged.
 
   Returns the algorithm with the same name, config and schedule.
   """
@@ -738,17 +841,8 @@ def on_kept_units(algorithm: Algorithm, index: UnitIndex) -> Algorithm:
       tree,
     )
 
-  def check_state(state):
-    for leaf in jax.tree.leaves(state):
-      if np.ndim(leaf) > 0:
-        raise ValueError(
-          f"on_kept_units: {algorithm.name} keeps per-parameter algorithm state "
-          f"(a leaf of shape {np.shape(leaf)}), which cannot follow a compaction"
-        )
-
   def init(params):
     masks, state = algorithm.init(expand(params))
-    check_state(state)
     return shrink(masks), state
 
   def update(step, params, grads, masks, state):

@@ -204,7 +204,7 @@ def test_cli_layer_targets_name_the_bad_layer_or_value(capsys, extra, message):
   [
     (
       ["--layers=conv"],
-      "--ranking=global needs --score=bn_scale or --score=taylor (got --score=magnitude)",
+      "--ranking=global needs --score=bn_scale, taylor or taylor_mean (got --score=magnitude)",
     ),
     (["--score=bn_scale"], "layer 'Dense_0' has no BatchNorm scale after it"),
   ],
@@ -356,9 +356,10 @@ def _setup(argv, **algorithm_kwargs):
 
 
 def _assert_resume_is_bit_identical(
-  tmp_path, argv, stop_at, until, check_recipe=False, **algorithm_kwargs
+  tmp_path, argv, stop_at, until, check_recipe=False, on_restore=None, **algorithm_kwargs
 ):
-  """Stops after the first compaction, resumes, and compares with a straight run."""
+  """Stops after the first compaction, resumes, and compares with a straight run.
+  `on_restore(saved, restored)` gets the state at the stop and the restored one."""
   config, mesh, source, algo, steps = _setup(argv, **algorithm_kwargs)
   assert steps[0] < stop_at < steps[1] <= until
   straight = shrink.Run("shrink", config, mesh, source, algo, steps)
@@ -373,6 +374,8 @@ def _assert_resume_is_bit_identical(
   )
   assert resumed.step == stop_at
   assert resumed.index.to_json() == first.index.to_json()
+  if on_restore is not None:
+    on_restore(jax.device_get(first.state), jax.device_get(resumed.state))
   resumed.advance(until)
   resumed.checkpointer.close()
   assert len(resumed.compactions) == 1  # the second one
@@ -390,6 +393,28 @@ def _assert_resume_is_bit_identical(
 
 def test_resume_after_a_compaction_is_bit_identical_mlp(tmp_path):
   _assert_resume_is_bit_identical(tmp_path, TINY_MLP, stop_at=12, until=24)
+
+
+def test_resume_with_taylor_mean_scores_is_bit_identical_mlp(tmp_path):
+  # Stopped after 12 steps, inside a window: the sums of squared estimates hold the
+  # batches of steps 10 and 11 (mask updates every 3 steps) and must be restored.
+  is_avg = lambda x: isinstance(x, jaxprune.shrink.TaylorAverageState)  # noqa: E731
+
+  def sums(state):
+    found = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_avg) if is_avg(x)]
+    assert len(found) == 1
+    return found[0]
+
+  def on_restore(saved, restored):
+    a, b = sums(saved), sums(restored)
+    assert int(a.batches) == int(b.batches) == 2
+    assert all(np.any(np.asarray(v) > 0) for v in a.total.values())
+    for k in a.total:
+      np.testing.assert_array_equal(np.asarray(b.total[k]), np.asarray(a.total[k]), err_msg=k)
+
+  _assert_resume_is_bit_identical(
+    tmp_path, TINY_MLP, stop_at=12, until=24, on_restore=on_restore, score="taylor_mean"
+  )
 
 
 @pytest.mark.slow

@@ -226,6 +226,32 @@ def test_compacted_run_chooses_the_units_of_the_masked_full_run(channels, hidden
   _assert_trees_close(shrunk.batch_stats, full.batch_stats, rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=3, deadline=None)
+@given(
+  channels=st.tuples(st.integers(4, 8), st.integers(4, 8)),
+  sparsity=st.sampled_from([0.5, 0.75]),
+  seed=st.integers(0, 2**16),
+)
+def test_taylor_mean_sums_survive_a_compaction_inside_their_window(channels, sparsity, seed):
+  # Mask updates at counts 0, 3, 6 (of 9); compactions after steps 4 and 7, when the sums
+  # already hold a batch of the next window. They are kept in the original numbering
+  # (on_kept_units scores on the full shapes), so the compacted run ranks on the same
+  # means as the masked full run and keeps the same units.
+  model = _cnn(channels=channels, hidden=6)
+  variables = models.init_variables(model, jax.random.PRNGKey(seed), (8, 8, 1))
+  algo = _taylor_mean_algo(sparsity, end_step=9, every=3)
+  args = (model, variables["params"], variables["batch_stats"], algo, 9)
+  full = _train(*args)
+  shrunk = _train(*args, compact_after=(4, 7))
+  assert sum(len(v) for v in full.index.kept.values()) < sum(channels) + 6 + 3
+  for layer, kept in full.index.kept.items():
+    np.testing.assert_array_equal(shrunk.index.kept[layer], kept, err_msg=layer)
+  _assert_trees_close(shrunk.params, full.params, rtol=1e-4, atol=1e-5)
+  a, b = shrunk.opt_state.algo_state, full.opt_state.algo_state
+  assert int(a.batches) == int(b.batches) == 2
+  _assert_trees_close(a.total, b.total, rtol=1e-4, atol=1e-7)
+
+
 def test_tied_masks_mask_the_weights_that_read_a_removed_unit():
   model = _cnn(channels=(4, 6), hidden=8)
   variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
@@ -546,3 +572,104 @@ def test_taylor_scores_rank_units_by_the_loss_slope_of_removing_them(seed, chann
     assert kept.sum() == units - int(np.floor(sparsity * units)), lin
     if not kept.all():
       assert slope[kept].min() >= slope[~kept].max() - 1e-5, (lin, slope, kept)
+
+
+def _taylor_mean_algo(sparsity, end_step=9, every=3):
+  return shrink.tie_units(
+    shrink.score_by_taylor(
+      jaxprune.create(
+        "gradual_magnitude",
+        sparsity=sparsity,
+        sparsity_type="channel",
+        include=HIDDEN,
+        start_step=0,
+        end_step=end_step,
+        update_every=every,
+      ),
+      average=True,
+    )
+  )
+
+
+def _apply_masks(params, masks):
+  return jax.tree.map(lambda p, m: jnp.where(m, p, 0.0), params, masks)
+
+
+def _kept_units(masks, layer):
+  m = np.asarray(masks[layer]["kernel"])
+  return m.reshape(-1, m.shape[-1]).any(axis=0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+  seed=st.integers(0, 2**16),
+  channels=st.sampled_from([(4, 5), (6, 8)]),
+  sparsity=st.sampled_from([0.5, 0.75]),
+)
+def test_taylor_mean_ranks_on_the_mean_square_since_the_last_update(seed, channels, sparsity):
+  # Mask updates at counts 0, 3, 6, 9. On every other step the masks stay and the
+  # estimate's square is added up; at an update the kept units are the top ones by
+  # the mean of T_c^2 over the batches since the previous update (that one's own
+  # excluded, the update step's included), computed here by hand from per-step
+  # estimates, and the sums restart.
+  rng = np.random.default_rng(seed)
+  params = _cnn_params(rng, channels)
+  algo = _taylor_mean_algo(sparsity)
+  masks, state = algo.init(params)
+  update, estimates = jax.jit(algo.update), jax.jit(shrink.taylor_unit_estimates)
+  window = []
+  for step in range(10):
+    assert bool(algo.is_update_step(step))  # accumulates on every step
+    p = _apply_masks(jax.tree.map(lambda x: x + 0.1 * step, params), masks)
+    grads = _cnn_params(rng, channels)
+    t = estimates(p, grads)
+    window.append({k: np.asarray(v, np.float64) ** 2 for k, v in t.items()})
+    old = masks
+    masks, state = update(step, p, grads, masks, state)
+    if step % 3:
+      assert int(state.batches) == len(window)
+      for layer in ("Conv_0", "Conv_1", "Dense_0"):
+        np.testing.assert_array_equal(_kept_units(masks, layer), _kept_units(old, layer))
+      continue
+    assert int(state.batches) == 0
+    assert all(not np.any(np.asarray(v)) for v in state.total.values())
+    for layer in ("Conv_0", "Conv_1", "Dense_0"):
+      mean = np.mean([w[layer] for w in window], axis=0)
+      kept = _kept_units(masks, layer)
+      was = _kept_units(old, layer)
+      assert not np.any(kept & ~was), layer  # units only go
+      if kept.sum() < was.sum():  # this update removed units: the lowest means went
+        assert mean[kept].min() >= mean[was & ~kept].max() * (1 - 1e-5), (layer, step)
+    window = []
+
+
+def test_taylor_mean_differs_from_the_last_batch_when_the_batches_disagree():
+  # A control: one Conv_0 unit with a large estimate on the first batch of the window
+  # only. The last batch alone ranks it last; the mean keeps it.
+  rng = np.random.default_rng(0)
+  params = _cnn_params(rng, (4, 5))
+  params["Conv_0"]["kernel"] = jnp.ones_like(params["Conv_0"]["kernel"])
+  params["BatchNorm_0"] = {"scale": jnp.ones(4), "bias": jnp.zeros(4)}
+  params["Conv_0"]["bias"] = jnp.zeros(4)
+  zero = jax.tree.map(jnp.zeros_like, params)
+
+  def grads(conv0_unit_slopes):
+    g = jax.tree.map(jnp.copy, zero)
+    g["BatchNorm_0"]["scale"] = jnp.asarray(conv0_unit_slopes, jnp.float32)
+    return g
+
+  batches = [grads([9.0, 1.0, 1.0, 1.0]), grads([0.0, 1.0, 1.0, 1.0]), grads([0.0, 2.0, 1.5, 1.2])]
+  for average, keeps_unit_0 in ((True, True), (False, False)):
+    algo = shrink.tie_units(
+      shrink.score_by_taylor(
+        jaxprune.create("magnitude", sparsity=0.25, sparsity_type="channel", include=HIDDEN),
+        average=average,
+      )
+    )
+    masks, state = algo.init(params)
+    if average:  # the two batches before the update step, then the update step's
+      for g in batches[:2]:
+        masks, state = algo.update(1, params, g, masks, state)
+    masks, state = algo.update(0, params, batches[2], masks, state)
+    kept = _kept_units(masks, "Conv_0")
+    assert kept.sum() == 3 and bool(kept[0]) == keeps_unit_0, (average, kept)
