@@ -335,6 +335,28 @@ SHRINK_VARIANTS = {
     "the row above)",
     "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
   ),
+  "conv_early_taylor_mean": (
+    "shrink/fmnist_cnn_c75_conv_taylor_mean_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, the Taylor estimate squared and averaged over the batches "
+    "since the previous mask update, per layer (the paper's estimate; `--layers=conv "
+    "--schedule=0.05,0.35 --score=taylor_mean`; `--skip_dense`, paired with the dense runs "
+    "of the `tie_units` rerun)",
+    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
+  ),
+  "conv_early_taylor_mean_global": (
+    "shrink/fmnist_cnn_c75_conv_taylor_mean_global_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, the averaged Taylor estimate on one threshold over both "
+    "convs (the paper's global ranking; `--layers=conv --schedule=0.05,0.35 "
+    "--score=taylor_mean --ranking=global`; `--skip_dense`, paired with the dense runs of "
+    "the `tie_units` rerun)",
+    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
+  ),
+  "conv_early_taylor_mean_x15": (
+    "shrink/fmnist_cnn_c75_conv_taylor_mean_sched05_35_x15.jsonl",
+    "Conv layers only, 5% to 35%, averaged Taylor estimate per layer, shrink run trained "
+    "1.5x the steps (6000; dense 4000) (`--layers=conv --schedule=0.05,0.35 "
+    "--score=taylor_mean --steps_factor=1.5`)",
+  ),
   "conv_early_bn": (
     "shrink/fmnist_cnn_c75_conv_bn_sched05_35.jsonl",
     "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| per layer "
