@@ -539,7 +539,17 @@ def score_by_taylor(
       of the original widths, so they survive :func:`on_kept_units` and
       compaction unchanged. The schedule (``flops_schedule``, ``config``) is
       still the wrapped algorithm's.
+
+  Raises:
+    ValueError: ``average=True`` for an algorithm with ``skip_optimizer_step``
+      (every step of the window would become a step without an optimizer step).
   """
+  if average and algorithm.skip_optimizer_step:
+    raise ValueError(
+      f"score_by_taylor(average=True): {algorithm.name} skips the optimizer step on its "
+      "mask-update steps (skip_optimizer_step=True), and averaging makes every step up to "
+      "its end_step an update step; use a gradual_magnitude/magnitude algorithm"
+    )
   if not average:
 
     def update(step, params, grads, masks, state):

@@ -643,6 +643,16 @@ def test_taylor_mean_ranks_on_the_mean_square_since_the_last_update(seed, channe
     window = []
 
 
+def test_taylor_mean_refuses_an_algorithm_that_skips_the_optimizer_step():
+  rigl = jaxprune.create(
+    "rigl", sparsity=0.5, update_every=10, end_step=100, reference=True, include=HIDDEN
+  )
+  assert rigl.skip_optimizer_step
+  with pytest.raises(ValueError, match="rigl skips the optimizer step"):
+    shrink.score_by_taylor(rigl, average=True)
+  shrink.score_by_taylor(rigl, average=False)  # one batch: the schedule is RigL's own
+
+
 def test_taylor_mean_differs_from_the_last_batch_when_the_batches_disagree():
   # A control: one Conv_0 unit with a large estimate on the first batch of the window
   # only. The last batch alone ranks it last; the mean keeps it.
