@@ -20,7 +20,8 @@ and number of steps, with the same seed:
   function), or by the first-order Taylor estimate of the loss change when the
   unit is removed, from the gradients of the update step's batch
   (`--score=taylor`, Molchanov et al. 2019) or, as in the paper, its square
-  averaged over every batch since the previous mask update (`--score=taylor_mean`),
+  averaged over every batch since the previous mask update (`--score=taylor_mean`;
+  `--taylor_momentum` adds the reference code's moving average over the updates),
   on the cubic schedule of Zhu & Gupta (2017) from `--schedule`
   (fractions of the steps, default 10% to 60% as in the fmnist_mlp recipe), a mask update every
   `update_every` steps (the config's, default 100). Each unit's bias and
@@ -216,6 +217,7 @@ def shrink_algorithm(
   keep_whole: Sequence[str] = (),
   bn_l1: float = 0.0,
   layer_targets: Optional[Mapping[str, float]] = None,
+  taylor_momentum: float = 0.0,
 ):
   """Tied gradual pruning of the units of every hidden layer (or of the Conv
   layers only, `layers="conv"`), ranked by the L2 norm of their kernel
@@ -232,7 +234,9 @@ def shrink_algorithm(
   each layer keeps at least one unit). `bn_l1 > 0` adds network slimming's L1
   term on those BatchNorm scales while pruning runs (`bn_l1_penalty`; needs
   `score="bn_scale"`). `layer_targets` gives named layers a fraction of their
-  own instead of `target` (`jaxprune.per_layer`; per-layer ranking only)."""
+  own instead of `target` (`jaxprune.per_layer`; per-layer ranking only).
+  `taylor_momentum` in (0, 1) ranks `"taylor_mean"` units on a moving average of the
+  window means over the mask updates (the reference code's `pruning_momentum`)."""
   if score not in SCORES:
     raise ValueError(f"--score={score!r}: expected one of {', '.join(SCORES)}")
   if ranking not in RANKINGS:
@@ -256,6 +260,13 @@ def shrink_algorithm(
       )
     if not 0.0 < fraction < 1.0:
       raise train.ConfigError(f"--layer_targets: {name}={fraction} must be in (0, 1)")
+  if taylor_momentum and score != "taylor_mean":
+    raise train.ConfigError(
+      f"--taylor_momentum={taylor_momentum} averages the window means of "
+      f"--score=taylor_mean (got --score={score})"
+    )
+  if not 0.0 <= taylor_momentum < 1.0:
+    raise train.ConfigError(f"--taylor_momentum must be in [0, 1), got {taylor_momentum}")
   bn_l1_layers = []
   if bn_l1:
     if score != "bn_scale":
@@ -282,7 +293,7 @@ def shrink_algorithm(
   elif score == "taylor":
     algo = shrink.score_by_taylor(algo)
   elif score == "taylor_mean":
-    algo = shrink.score_by_taylor(algo, average=True)
+    algo = shrink.score_by_taylor(algo, average=True, momentum=float(taylor_momentum))
   extra = dict(
     score=score,
     layers=layers,
@@ -291,6 +302,7 @@ def shrink_algorithm(
     bn_l1=float(bn_l1),
     bn_l1_layers=bn_l1_layers,
     layer_targets={n: float(f) for n, f in sorted(layer_targets.items())},
+    taylor_momentum=float(taylor_momentum),
   )
   return shrink.tie_units(algo)._replace(config={**algo.config, **extra})
 
@@ -437,6 +449,7 @@ class Run:
       "keep_whole",
       "bn_l1",
       "layer_targets",
+      "taylor_momentum",
     )
     cfg = self.algorithm.config if self.algorithm is not None else {}
     return {
@@ -466,6 +479,7 @@ class Run:
         "keep_whole": [],
         "bn_l1": 0.0,
         "layer_targets": {},
+        "taylor_momentum": 0.0,
       }
       saved["algorithm"] = {**defaults, **saved["algorithm"]}
     recipe = self._recipe()
@@ -475,7 +489,7 @@ class Run:
           f"checkpoint {self.checkpointer.path(step)} was written by a shrink run with "
           f"{key}={saved.get(key)!r}, this run has {recipe[key]!r} (--target, --schedule, "
           "--compact_at, --steps_factor, --sparsity_type, --score, --layers, --ranking, --keep_whole, "
-          "--bn_l1 or --layer_targets differ); use another --workdir"
+          "--bn_l1, --layer_targets or --taylor_momentum differ); use another --workdir"
         )
     host = jax.device_get(self.state)
     if saved.get("kept"):
@@ -701,6 +715,14 @@ def parse_args(argv: Sequence[str]):
     "added while pruning runs (the paper's 1e-4; needs --score=bn_scale)",
   )
   p.add_argument(
+    "--taylor_momentum",
+    type=float,
+    default=0.0,
+    help="with --score=taylor_mean, rank on a moving average (this momentum) of the window "
+    "means over the mask updates, as the paper's reference code (0.9 in its configs); "
+    "0: the window's mean alone",
+  )
+  p.add_argument(
     "--steps_factor",
     type=float,
     default=1.0,
@@ -773,6 +795,7 @@ def run(args, config, out=None) -> dict:
     args.keep_whole,
     args.bn_l1,
     args.layer_targets,
+    args.taylor_momentum,
   )
   compact_steps = shrink.compaction_steps(algorithm, args.compact_at, small_steps)
   probe = jaxprune.sparsify(common.optimizer(config), algorithm)
@@ -802,6 +825,7 @@ def run(args, config, out=None) -> dict:
       else ""
     )
     + f", {args.ranking} ranking by {args.score}"
+    + (f" (momentum {args.taylor_momentum})" if args.taylor_momentum else "")
     + (f", L1 {args.bn_l1} on BatchNorm scales" if args.bn_l1 else "")
     + "), schedule "
     f"{algorithm.config['start_step']}..{algorithm.config['end_step']} every "
@@ -854,6 +878,7 @@ def run(args, config, out=None) -> dict:
     "keep_whole": list(args.keep_whole),
     "layer_targets": dict(args.layer_targets),
     "bn_l1": args.bn_l1,
+    "taylor_momentum": args.taylor_momentum,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source) if trained else None,

@@ -507,15 +507,24 @@ class TaylorAverageState(NamedTuple):
     total: ``{layer path: sum of T_c^2}`` over the batches since the last mask
       update, one float32 entry per unit of the layer's original width.
     batches: how many batches ``total`` holds (int32 scalar).
+    averaged: None, or with ``momentum`` > 0, ``{layer path: EMA}`` of the
+      window means over the mask updates so far (one float32 per unit).
+    decided: None, or with ``momentum`` > 0, how many mask updates ``averaged``
+      holds (int32 scalar).
   """
 
   inner: Any
   total: dict
   batches: jax.Array
+  averaged: Optional[dict] = None
+  decided: Optional[jax.Array] = None
 
 
 def score_by_taylor(
-  algorithm: Algorithm, layers: Optional[Sequence[str]] = None, average: bool = False
+  algorithm: Algorithm,
+  layers: Optional[Sequence[str]] = None,
+  average: bool = False,
+  momentum: float = 0.0,
 ) -> Algorithm:
   """``algorithm`` deciding its masks on the first-order Taylor estimate of the
   loss change when a unit is removed (Molchanov et al. 2019).
@@ -539,11 +548,23 @@ def score_by_taylor(
       of the original widths, so they survive :func:`on_kept_units` and
       compaction unchanged. The schedule (``flops_schedule``, ``config``) is
       still the wrapped algorithm's.
+    momentum: with ``average=True``, 0.0 ranks on the window's mean alone; ``m``
+      in (0, 1) ranks on ``a_k = m * a_{k-1} + (1 - m) * mean_k`` over the mask
+      updates ``k``, ``a_0 = mean_0``: the criterion momentum of the paper's
+      reference code (NVlabs/Taylor_pruning, ``pruning_momentum``, 0.9 in its
+      configs).
 
   Raises:
     ValueError: ``average=True`` for an algorithm with ``skip_optimizer_step``
-      (every step of the window would become a step without an optimizer step).
+      (every step of the window would become a step without an optimizer step);
+      ``momentum`` outside [0, 1), or non-zero without ``average=True``.
   """
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"score_by_taylor: momentum={momentum!r} must be in [0, 1)")
+  if momentum and not average:
+    raise ValueError(
+      f"score_by_taylor: momentum={momentum!r} averages window means; it needs average=True"
+    )
   if average and algorithm.skip_optimizer_step:
     raise ValueError(
       f"score_by_taylor(average=True): {algorithm.name} skips the optimizer step on its "
@@ -563,7 +584,12 @@ def score_by_taylor(
       lin: jnp.zeros(jnp.shape(_get(_to_dict(params), f"{lin}/kernel"))[-1:], jnp.float32)
       for lin, _ in _chain(_to_dict(params), layers)
     }
-    return masks, TaylorAverageState(state, total, jnp.zeros([], jnp.int32))
+    if not momentum:
+      return masks, TaylorAverageState(state, total, jnp.zeros([], jnp.int32))
+    zeros = jax.tree.map(jnp.zeros_like, total)
+    return masks, TaylorAverageState(
+      state, total, jnp.zeros([], jnp.int32), zeros, jnp.zeros([], jnp.int32)
+    )
 
   end = algorithm.config.get("end_step")
 
@@ -577,14 +603,22 @@ def score_by_taylor(
     batches = state.batches + 1
 
     def decide(_):
-      mean = {k: jnp.sqrt(v / batches.astype(jnp.float32)) for k, v in total.items()}
-      scored = unit_scores_as_kernels(params, mean)
+      mean = {k: v / batches.astype(jnp.float32) for k, v in total.items()}
+      averaged, decided = state.averaged, state.decided
+      if momentum:
+        first = decided == 0
+        mean = {
+          k: jnp.where(first, v, momentum * averaged[k] + (1.0 - momentum) * v)
+          for k, v in mean.items()
+        }
+        averaged, decided = mean, decided + 1
+      scored = unit_scores_as_kernels(params, jax.tree.map(jnp.sqrt, mean))
       new, inner = algorithm.update(step, scored, grads, masks, state.inner)
       zeros = jax.tree.map(jnp.zeros_like, total)
-      return new, TaylorAverageState(inner, zeros, jnp.zeros([], jnp.int32))
+      return new, TaylorAverageState(inner, zeros, jnp.zeros([], jnp.int32), averaged, decided)
 
     def accumulate(_):
-      return masks, TaylorAverageState(state.inner, total, batches)
+      return masks, state._replace(total=total, batches=batches)
 
     # The algorithm may return a scalar mask where it was given a full one (or the
     # reverse): both branches return masks broadcast to the common shapes.

@@ -236,6 +236,8 @@ def test_cli_bn_l1_adds_network_slimming_penalty_and_is_part_of_the_recipe(capsy
     (["--layers=conv", "--bn_l1=1e-4"], "--bn_l1=0.0001 penalises the BatchNorm scales"),
     (["--score=bn_scale", "--bn_l1=1e-4"], "--bn_l1=0.0001: layer 'Dense_0' has no BatchNorm"),
     (["--bn_l1=-1"], "--bn_l1 must be >= 0, got -1.0"),
+    (["--taylor_momentum=0.9"], "--taylor_momentum=0.9 averages the window means"),
+    (["--score=taylor_mean", "--taylor_momentum=1"], "--taylor_momentum must be in [0, 1)"),
   ],
 )
 def test_cli_bn_l1_needs_batchnorm_scales_that_rank_units(capsys, extra, message):
@@ -395,9 +397,11 @@ def test_resume_after_a_compaction_is_bit_identical_mlp(tmp_path):
   _assert_resume_is_bit_identical(tmp_path, TINY_MLP, stop_at=12, until=24)
 
 
-def test_resume_with_taylor_mean_scores_is_bit_identical_mlp(tmp_path):
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_resume_with_taylor_mean_scores_is_bit_identical_mlp(tmp_path, momentum):
   # Stopped after 12 steps, inside a window: the sums of squared estimates hold the
-  # batches of steps 10 and 11 (mask updates every 3 steps) and must be restored.
+  # batches of steps 10 and 11 (mask updates every 3 steps) and must be restored, with
+  # momentum also the moving average of the window means of the updates so far.
   is_avg = lambda x: isinstance(x, jaxprune.shrink.TaylorAverageState)  # noqa: E731
 
   def sums(state):
@@ -411,10 +415,27 @@ def test_resume_with_taylor_mean_scores_is_bit_identical_mlp(tmp_path):
     assert all(np.any(np.asarray(v) > 0) for v in a.total.values())
     for k in a.total:
       np.testing.assert_array_equal(np.asarray(b.total[k]), np.asarray(a.total[k]), err_msg=k)
+    if not momentum:
+      assert a.averaged is None and b.averaged is None
+      return
+    assert int(a.decided) == int(b.decided) == 3  # mask updates at counts 3, 6, 9
+    assert all(np.any(np.asarray(v) > 0) for v in a.averaged.values())
+    for k in a.averaged:
+      np.testing.assert_array_equal(np.asarray(b.averaged[k]), np.asarray(a.averaged[k]))
 
   _assert_resume_is_bit_identical(
-    tmp_path, TINY_MLP, stop_at=12, until=24, on_restore=on_restore, score="taylor_mean"
+    tmp_path,
+    TINY_MLP,
+    stop_at=12,
+    until=24,
+    on_restore=on_restore,
+    score="taylor_mean",
+    taylor_momentum=momentum,
   )
+  if momentum:  # a checkpoint of another momentum is refused, naming the flag
+    config, mesh, source, algo, steps = _setup(TINY_MLP, score="taylor_mean")
+    with pytest.raises(ckpt.ConfigMismatchError, match="taylor_momentum"):
+      shrink.Run("shrink", config, mesh, source, algo, steps, ckpt.Checkpointer(str(tmp_path)))
 
 
 @pytest.mark.slow

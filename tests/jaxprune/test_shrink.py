@@ -574,7 +574,7 @@ def test_taylor_scores_rank_units_by_the_loss_slope_of_removing_them(seed, chann
       assert slope[kept].min() >= slope[~kept].max() - 1e-5, (lin, slope, kept)
 
 
-def _taylor_mean_algo(sparsity, end_step=9, every=3):
+def _taylor_mean_algo(sparsity, end_step=9, every=3, momentum=0.0):
   return shrink.tie_units(
     shrink.score_by_taylor(
       jaxprune.create(
@@ -587,6 +587,7 @@ def _taylor_mean_algo(sparsity, end_step=9, every=3):
         update_every=every,
       ),
       average=True,
+      momentum=momentum,
     )
   )
 
@@ -605,19 +606,23 @@ def _kept_units(masks, layer):
   seed=st.integers(0, 2**16),
   channels=st.sampled_from([(4, 5), (6, 8)]),
   sparsity=st.sampled_from([0.5, 0.75]),
+  momentum=st.sampled_from([0.0, 0.9]),
 )
-def test_taylor_mean_ranks_on_the_mean_square_since_the_last_update(seed, channels, sparsity):
+def test_taylor_mean_ranks_on_the_mean_square_since_the_last_update(
+  seed, channels, sparsity, momentum
+):
   # Mask updates at counts 0, 3, 6, 9. On every other step the masks stay and the
   # estimate's square is added up; at an update the kept units are the top ones by
   # the mean of T_c^2 over the batches since the previous update (that one's own
   # excluded, the update step's included), computed here by hand from per-step
-  # estimates, and the sums restart.
+  # estimates, and the sums restart. With momentum the criterion is the moving
+  # average of those means over the updates, the first update's mean as is.
   rng = np.random.default_rng(seed)
   params = _cnn_params(rng, channels)
-  algo = _taylor_mean_algo(sparsity)
+  algo = _taylor_mean_algo(sparsity, momentum=momentum)
   masks, state = algo.init(params)
   update, estimates = jax.jit(algo.update), jax.jit(shrink.taylor_unit_estimates)
-  window = []
+  window, ema = [], None
   for step in range(10):
     assert bool(algo.is_update_step(step))  # accumulates on every step
     p = _apply_masks(jax.tree.map(lambda x: x + 0.1 * step, params), masks)
@@ -633,14 +638,34 @@ def test_taylor_mean_ranks_on_the_mean_square_since_the_last_update(seed, channe
       continue
     assert int(state.batches) == 0
     assert all(not np.any(np.asarray(v)) for v in state.total.values())
+    means = {k: np.mean([w[k] for w in window], axis=0) for k in window[0]}
+    if momentum:
+      ema = (
+        means if ema is None else {k: momentum * ema[k] + (1 - momentum) * means[k] for k in ema}
+      )
+      assert int(state.decided) == step // 3 + 1
+      for layer, v in ema.items():
+        np.testing.assert_allclose(np.asarray(state.averaged[layer]), v, rtol=1e-4, atol=1e-12)
+      means = ema
+    else:
+      assert state.averaged is None and state.decided is None
     for layer in ("Conv_0", "Conv_1", "Dense_0"):
-      mean = np.mean([w[layer] for w in window], axis=0)
+      mean = means[layer]
       kept = _kept_units(masks, layer)
       was = _kept_units(old, layer)
       assert not np.any(kept & ~was), layer  # units only go
       if kept.sum() < was.sum():  # this update removed units: the lowest means went
         assert mean[kept].min() >= mean[was & ~kept].max() * (1 - 1e-5), (layer, step)
     window = []
+
+
+def test_score_by_taylor_refuses_a_momentum_it_cannot_use():
+  algo = jaxprune.create("magnitude", sparsity=0.5, sparsity_type="channel", include=HIDDEN)
+  for momentum in (-0.1, 1.0):
+    with pytest.raises(ValueError, match="must be in"):
+      shrink.score_by_taylor(algo, average=True, momentum=momentum)
+  with pytest.raises(ValueError, match="needs average=True"):
+    shrink.score_by_taylor(algo, momentum=0.9)
 
 
 def test_taylor_mean_refuses_an_algorithm_that_skips_the_optimizer_step():
