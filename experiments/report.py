@@ -339,9 +339,7 @@ SHRINK_VARIANTS = {
     "shrink/fmnist_cnn_c75_conv_taylor_mean_sched05_35.jsonl",
     "Conv layers only, 5% to 35%, the Taylor estimate squared and averaged over the batches "
     "since the previous mask update, per layer (the paper's estimate; `--layers=conv "
-    "--schedule=0.05,0.35 --score=taylor_mean`; `--skip_dense`, paired with the dense runs "
-    "of the `tie_units` rerun)",
-    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
+    "--schedule=0.05,0.35 --score=taylor_mean`)",
   ),
   "conv_early_taylor_mean_global": (
     "shrink/fmnist_cnn_c75_conv_taylor_mean_global_sched05_35.jsonl",
@@ -356,6 +354,14 @@ SHRINK_VARIANTS = {
     "Conv layers only, 5% to 35%, averaged Taylor estimate per layer, shrink run trained "
     "1.5x the steps (6000; dense 4000) (`--layers=conv --schedule=0.05,0.35 "
     "--score=taylor_mean --steps_factor=1.5`)",
+  ),
+  "conv_early_taylor_mean_m09": (
+    "shrink/fmnist_cnn_c75_conv_taylor_mean_m09_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, averaged Taylor estimate per layer with the reference "
+    "code's criterion momentum 0.9 over the mask updates (`--layers=conv "
+    "--schedule=0.05,0.35 --score=taylor_mean --taylor_momentum=0.9`; `--skip_dense`, "
+    "paired with the dense runs of the `tie_units` rerun)",
+    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
   ),
   "conv_early_bn": (
     "shrink/fmnist_cnn_c75_conv_bn_sched05_35.jsonl",
