@@ -363,6 +363,14 @@ SHRINK_VARIANTS = {
     "paired with the dense runs of the `tie_units` rerun)",
     "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
   ),
+  "conv_early_taylor_mean_f30": (
+    "shrink/fmnist_cnn_c75_conv_taylor_mean_f30_sched05_35.jsonl",
+    "Conv layers only, 5% to 35%, averaged Taylor estimate per layer, a mask update every "
+    "30 steps as in the reference code (`--layers=conv --schedule=0.05,0.35 "
+    "--score=taylor_mean --config.update_every=30`; `--skip_dense`, paired with the dense "
+    "runs of the `tie_units` rerun)",
+    "shrink/fmnist_cnn_c75_conv_sched05_35_tied.jsonl",
+  ),
   "conv_early_bn": (
     "shrink/fmnist_cnn_c75_conv_bn_sched05_35.jsonl",
     "Conv layers only, 5% to 35%, \\|BatchNorm scale\\| per layer "

@@ -880,6 +880,7 @@ def run(args, config, out=None) -> dict:
     "bn_l1": args.bn_l1,
     "taylor_momentum": args.taylor_momentum,
     "schedule": [int(algorithm.config["start_step"]), int(algorithm.config["end_step"])],
+    "update_every": int(algorithm.config["update_every"]),
     "compact_at": list(args.compact_at),
     "dense_accuracy": evaluate(dense, test_source) if trained else None,
     "shrink_accuracy": evaluate(small, test_source),

@@ -68,6 +68,7 @@ def test_cli_prints_json_and_shrinks(capsys):
   result = json.loads(out.out.strip().splitlines()[-1])
   assert KEYS <= set(result)
   assert result["score"] == "magnitude"
+  assert result["schedule"] == [4, 24] and result["update_every"] == 5
   assert [c["step"] for c in result["compactions"]] == [15, 25]
   assert result["widths_before"] == [4, 8, 16]
   # 75% of the units of every hidden layer are gone: 4 - 3, 8 - 6, 16 - 12.
