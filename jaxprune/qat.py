@@ -39,6 +39,18 @@ import jax.numpy as jnp
 
 from jaxprune.paths import path_str
 
+__all__ = [
+  "qat_rules",
+  "ptq_rules",
+  "ptq",
+  "fake_quantize",
+  "quantize_kernel",
+  "integer_codes",
+  "tree_codes",
+  "qtype",
+  "calibration",
+]
+
 BITS = (4, 8)
 CONV_OPS = ("conv_general_dilated",)
 DOT_OPS = ("dot_general", "einsum")

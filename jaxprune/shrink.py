@@ -18,10 +18,11 @@ with smaller arrays, computing what the masked full-size model computes:
 * :func:`score_by_batchnorm_scale` ranks the units of a layer followed by a
   BatchNorm by the absolute BatchNorm scale (network slimming's criterion)
   instead of the kernel's norm, which BatchNorm makes meaningless.
-* :func:`score_by_taylor` ranks units by the first-order Taylor estimate of
+  :func:`score_by_taylor` ranks units by the first-order Taylor estimate of
   the loss change when the unit and its bias and BatchNorm are removed
   (Molchanov et al. 2019), from the gradients of the update step or, as in the
   paper, averaged over the batches between mask updates (``average=True``).
+  Both live in :mod:`jaxprune.unit_scores` and are re-exported here.
 * :func:`compact_state` removes the pruned units from params, BatchNorm
   statistics and the optimizer state -- every leaf of an optimizer-state
   sub-tree shaped like the params (Adam's moments, momentum traces, the masks of
@@ -55,16 +56,27 @@ import numpy as np
 import optax
 
 from jaxprune.algorithms.base import Algorithm
-from jaxprune.compact import compact, infer_layers
+from jaxprune.compact import compact
+from jaxprune.layer_chain import get_path, layer_chain, replace_path, tied_leaves, to_dict
 from jaxprune.masks import dense_mask, is_pruned_mask
 from jaxprune.paths import path_str
 from jaxprune.sparsify import SparseState, get_sparse_state
 from jaxprune.structured import Units, parse_sparsity_type
+from jaxprune.unit_scores import (
+  TaylorAverageState,
+  batchnorm_scale_scores,
+  score_by_batchnorm_scale,
+  score_by_taylor,
+  taylor_unit_estimates,
+  taylor_unit_scores,
+  unit_scores_as_kernels,
+)
 
 __all__ = [
   "UnitIndex",
   "Shrunk",
   "tie_units",
+  "tie_masks",
   "batchnorm_scale_scores",
   "score_by_batchnorm_scale",
   "taylor_unit_estimates",
@@ -122,53 +134,6 @@ class Shrunk(NamedTuple):
 
 
 # ---------------------------------------------------------------- tree helpers
-
-
-def _to_dict(tree):
-  if isinstance(tree, Mapping):
-    return {k: _to_dict(v) for k, v in tree.items()}
-  return tree
-
-
-def _keys(path: str) -> tuple:
-  return tuple(p for p in str(path).split("/") if p)
-
-
-def _get(tree, path: str):
-  node = tree
-  for k in _keys(path):
-    if not isinstance(node, Mapping) or k not in node:
-      return None
-    node = node[k]
-  return node
-
-
-def _replace(tree, path: str, value):
-  """A copy of the nested dict ``tree`` with the leaf at ``path`` replaced."""
-  keys = _keys(path)
-  if not keys:
-    return value
-  out = dict(tree)
-  out[keys[0]] = _replace(tree[keys[0]], "/".join(keys[1:]), value)
-  return out
-
-
-def _chain(params, layers: Optional[Sequence[str]]) -> list[tuple[str, Optional[str]]]:
-  """``[(Dense/Conv layer, its BatchNorm or None), ...]`` in forward order."""
-  names = list(layers) if layers is not None else infer_layers(params)
-  chain: list[list] = []
-  for name in names:
-    node = _get(params, name)
-    if isinstance(node, Mapping) and "kernel" in node:
-      chain.append([name, None])
-    elif chain and chain[-1][1] is None:
-      chain[-1][1] = name
-    else:
-      raise ValueError(
-        f"shrink: layer {name!r} is neither a Dense/Conv layer with a kernel nor a "
-        "BatchNorm directly after one"
-      )
-  return [tuple(c) for c in chain]
 
 
 def _take(x, axes):
@@ -256,13 +221,6 @@ def _unit_vector(kernel_mask):
   return jnp.any(m.reshape(-1, m.shape[-1]), axis=0)
 
 
-def _tied_leaves(params, lin: str, bn: Optional[str]) -> list[str]:
-  """Paths of the per-unit leaves removed with layer ``lin``'s units: its bias and
-  every parameter of the BatchNorm ``bn`` after it."""
-  paths = [f"{lin}/bias"] if "bias" in _get(params, lin) else []
-  return paths + ([f"{bn}/{k}" for k in _get(params, bn)] if bn is not None else [])
-
-
 def tie_masks(
   params, masks, layers: Optional[Sequence[str]] = None, pruned: Optional[Sequence[str]] = None
 ):
@@ -287,14 +245,14 @@ def tie_masks(
       model's outputs and are never removed; exclude it with ``include``), and
       naming the layer whose kernel does not read the previous layer's units.
   """
-  chain = _chain(params, layers)
-  masks = _to_dict(masks)
+  chain = layer_chain(params, layers)
+  masks = to_dict(masks)
   if pruned is None:
-    pruned = [lin for lin, _ in chain if is_pruned_mask(_get(masks, f"{lin}/kernel"))]
+    pruned = [lin for lin, _ in chain if is_pruned_mask(get_path(masks, f"{lin}/kernel"))]
   for i, (lin, bn) in enumerate(chain):
     if lin not in pruned:
       continue
-    kmask = _get(masks, f"{lin}/kernel")
+    kmask = get_path(masks, f"{lin}/kernel")
     if i == len(chain) - 1:
       raise ValueError(
         f"shrink: the output layer {lin!r} is pruned; its units are the model's "
@@ -302,10 +260,12 @@ def tie_masks(
         "the hidden layers' kernels)"
       )
     unit = _unit_vector(kmask)
-    for path in _tied_leaves(params, lin, bn):
-      masks = _replace(masks, path, unit)
+    for path in tied_leaves(params, lin, bn):
+      masks = replace_path(masks, path, unit)
     nxt = f"{chain[i + 1][0]}/kernel"
-    masks = _replace(masks, nxt, _mask_inputs(_get(params, nxt), _get(masks, nxt), unit, nxt))
+    masks = replace_path(
+      masks, nxt, _mask_inputs(get_path(params, nxt), get_path(masks, nxt), unit, nxt)
+    )
   return masks
 
 
@@ -315,20 +275,20 @@ def _untie_inputs(params, masks, layers, pruned):
   removed unit take their column's value; their weights are exactly 0), or
   dense when that layer is not pruned -- the masks the algorithm made, as it
   would see them on the compacted model."""
-  chain = _chain(params, layers)
-  masks = _to_dict(masks)
+  chain = layer_chain(params, layers)
+  masks = to_dict(masks)
   for i, (lin, _) in enumerate(chain[:-1]):
     if lin not in pruned:
       continue
     nxt_layer = chain[i + 1][0]
     nxt = f"{nxt_layer}/kernel"
     if nxt_layer not in pruned:
-      masks = _replace(masks, nxt, dense_mask())
+      masks = replace_path(masks, nxt, dense_mask())
       continue
-    nmask = _get(masks, nxt)
-    unit = _unit_vector(_get(masks, f"{lin}/kernel"))
+    nmask = get_path(masks, nxt)
+    unit = _unit_vector(get_path(masks, f"{lin}/kernel"))
     rows = jnp.tile(unit, nmask.shape[-2] // unit.shape[0])[:, None]
-    masks = _replace(masks, nxt, jnp.where(rows, nmask, _unit_vector(nmask)))
+    masks = replace_path(masks, nxt, jnp.where(rows, nmask, _unit_vector(nmask)))
   return masks
 
 
@@ -336,7 +296,7 @@ def _pruned_layers(algorithm: Algorithm, params, layers) -> list[str]:
   """The chain's layers whose kernels ``algorithm`` prunes (full-shape masks
   from its ``init``; shapes only, nothing computed)."""
   masks = jax.eval_shape(lambda p: algorithm.init(p)[0], params)
-  return [lin for lin, _ in _chain(params, layers) if _get(masks, f"{lin}/kernel").shape]
+  return [lin for lin, _ in layer_chain(params, layers) if get_path(masks, f"{lin}/kernel").shape]
 
 
 def _mask_inputs(kernel, kmask, unit, path: str):
@@ -390,253 +350,6 @@ def tie_units(algorithm: Algorithm, layers: Optional[Sequence[str]] = None) -> A
   return algorithm._replace(init=init, update=update)
 
 
-def batchnorm_scale_scores(params, layers: Optional[Sequence[str]] = None):
-  """``params`` with each unit of a BatchNorm-followed kernel rescaled to norm |scale|.
-
-  BatchNorm makes a layer's function independent of the scale of each of its
-  kernel's units (output channels): multiplying a unit's weights by ``a > 0``
-  multiplies its batch mean and standard deviation by ``a`` too, so the kernel's
-  magnitude says nothing about the unit's importance. Network slimming (Liu et
-  al. 2017, "Learning Efficient Convolutional Networks through Network
-  Slimming") ranks channels by the absolute BatchNorm scale ``|gamma|``
-  instead. The returned tree, meant only for scoring, holds every such kernel
-  with unit ``c`` scaled to L2 norm ``|gamma_c|`` (a zero unit stays zero), so
-  the unit norms that neuron/channel magnitude pruning ranks are the ``|gamma|``
-  of the network-slimming criterion. Layers without a BatchNorm (or without a
-  scale) keep their kernels.
-  """
-  params = _to_dict(params)
-  for lin, bn in _chain(params, layers):
-    scale = _get(params, f"{bn}/scale") if bn is not None else None
-    if scale is None:
-      continue
-    kernel = _get(params, f"{lin}/kernel")
-    other = tuple(range(jnp.ndim(kernel) - 1))
-    norm = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=other))
-    factor = jnp.abs(scale.astype(jnp.float32)) / jnp.where(norm > 0, norm, 1.0)
-    params = _replace(params, f"{lin}/kernel", (kernel * factor).astype(kernel.dtype))
-  return params
-
-
-def score_by_batchnorm_scale(
-  algorithm: Algorithm, layers: Optional[Sequence[str]] = None
-) -> Algorithm:
-  """``algorithm`` deciding its masks on :func:`batchnorm_scale_scores` of the params.
-
-  For a neuron/channel magnitude algorithm (e.g. ``gradual_magnitude`` with
-  ``sparsity_type="channel"``) this ranks the units of every Conv/Dense layer
-  followed by a BatchNorm by ``|gamma|`` (network slimming, Liu et al. 2017) and
-  the other layers' units by their kernel's L2 norm as before. Only the scores
-  change: the params, gradients, schedule and keep counts are the algorithm's.
-  Compose it inside :func:`tie_units`: ``tie_units(score_by_batchnorm_scale(a))``.
-  """
-
-  def init(params):
-    return algorithm.init(batchnorm_scale_scores(params, layers))
-
-  def update(step, params, grads, masks, state):
-    return algorithm.update(step, batchnorm_scale_scores(params, layers), grads, masks, state)
-
-  return algorithm._replace(init=init, update=update)
-
-
-def taylor_unit_estimates(params, grads, layers: Optional[Sequence[str]] = None) -> dict:
-  """``{layer path: T}``, the first-order Taylor estimate of every unit of every
-  Dense/Conv layer: ``T_c = sum_theta theta * dL/dtheta`` over every parameter
-  that goes with unit ``c`` (:func:`tie_units`): its kernel column, its bias, and
-  the scale and offset of the BatchNorm after it.
-
-  Removing the unit sets all of them to 0, so ``-T_c`` is the first-order
-  estimate of the loss change (Molchanov et al. 2019, "Importance Estimation for
-  Neural Network Pruning", the group criterion). Under BatchNorm the kernel's
-  share is ~0 (the output does not depend on the kernel's scale) and ``T_c`` is
-  that of a gate after the BatchNorm, ``gamma * g_gamma + beta * g_beta``, the
-  paper's Taylor-FO-BN. Each ``T`` is a float32 vector, one entry per unit.
-  """
-  params, grads = _to_dict(params), _to_dict(grads)
-
-  def theta_g(path):
-    return jnp.asarray(_get(params, path), jnp.float32) * jnp.asarray(
-      _get(grads, path), jnp.float32
-    )
-
-  estimates = {}
-  for lin, bn in _chain(params, layers):
-    kernel = _get(params, f"{lin}/kernel")
-    t = jnp.sum(theta_g(f"{lin}/kernel"), axis=tuple(range(jnp.ndim(kernel) - 1)))
-    for path in _tied_leaves(params, lin, bn):
-      t = t + theta_g(path)
-    estimates[lin] = t
-  return estimates
-
-
-def unit_scores_as_kernels(params, scores: Mapping[str, Any]):
-  """``params`` with the kernel of every layer in ``scores`` replaced by one whose
-  unit ``c`` has every entry ``scores[layer][c] / sqrt(fan_in)``: its unit L2
-  norms, what neuron/channel magnitude pruning ranks, are ``scores[layer]``
-  (non-negative). Meant only for scoring; other leaves are unchanged."""
-  scored = _to_dict(params)
-  for lin, unit in scores.items():
-    kernel = _get(scored, f"{lin}/kernel")
-    rows = int(np.prod(jnp.shape(kernel)[:-1]))
-    unit = jnp.asarray(unit, jnp.float32) / np.float32(np.sqrt(rows))
-    scored = _replace(
-      scored, f"{lin}/kernel", jnp.broadcast_to(unit, jnp.shape(kernel)).astype(kernel.dtype)
-    )
-  return scored
-
-
-def taylor_unit_scores(params, grads, layers: Optional[Sequence[str]] = None):
-  """``params`` with each unit of every Dense/Conv kernel rescaled to norm ``|T_c|``
-  (:func:`taylor_unit_estimates` of one batch's ``grads``).
-
-  The returned tree, meant only for scoring, holds every kernel with all
-  entries of unit ``c`` equal to ``|T_c| / sqrt(fan_in)``, so the unit L2 norms
-  that neuron/channel magnitude pruning ranks are ``|T_c|``. Other leaves are
-  unchanged.
-  """
-  estimates = taylor_unit_estimates(params, grads, layers)
-  return unit_scores_as_kernels(params, {k: jnp.abs(t) for k, t in estimates.items()})
-
-
-class TaylorAverageState(NamedTuple):
-  """State of :func:`score_by_taylor` with ``average=True``.
-
-  Attributes:
-    inner: the wrapped algorithm's state.
-    total: ``{layer path: sum of T_c^2}`` over the batches since the last mask
-      update, one float32 entry per unit of the layer's original width.
-    batches: how many batches ``total`` holds (int32 scalar).
-    averaged: None, or with ``momentum`` > 0, ``{layer path: EMA}`` of the
-      window means over the mask updates so far (one float32 per unit).
-    decided: None, or with ``momentum`` > 0, how many mask updates ``averaged``
-      holds (int32 scalar).
-  """
-
-  inner: Any
-  total: dict
-  batches: jax.Array
-  averaged: Optional[dict] = None
-  decided: Optional[jax.Array] = None
-
-
-def score_by_taylor(
-  algorithm: Algorithm,
-  layers: Optional[Sequence[str]] = None,
-  average: bool = False,
-  momentum: float = 0.0,
-) -> Algorithm:
-  """``algorithm`` deciding its masks on the first-order Taylor estimate of the
-  loss change when a unit is removed (Molchanov et al. 2019).
-
-  For a neuron/channel magnitude algorithm this ranks every Dense/Conv layer's
-  units by :func:`taylor_unit_estimates` (the unit with its bias and BatchNorm).
-  Only the scores change: the schedule and keep counts are the algorithm's; at
-  ``init`` (no gradients yet) the kernel norms are used. Compose it inside
-  :func:`tie_units`: ``tie_units(score_by_taylor(a))``.
-
-  Args:
-    algorithm: a neuron/channel magnitude algorithm.
-    layers: the forward order of the layers (None: inferred).
-    average: False ranks by ``|T_c|`` of the update step's batch alone. True is
-      the paper's estimate: ``T_c^2`` is accumulated on every step (the
-      returned algorithm's ``is_update_step`` is true on every step up to the
-      algorithm's ``end_step``, or on every step without one) and the
-      units are ranked on the mean over the batches since the previous mask
-      update, the update step's included; the mean restarts after each update.
-      The accumulators (:class:`TaylorAverageState`) hold one entry per unit
-      of the original widths, so they survive :func:`on_kept_units` and
-      compaction unchanged. The schedule (``flops_schedule``, ``config``) is
-      still the wrapped algorithm's.
-    momentum: with ``average=True``, 0.0 ranks on the window's mean alone; ``m``
-      in (0, 1) ranks on ``a_k = m * a_{k-1} + (1 - m) * mean_k`` over the mask
-      updates ``k``, ``a_0 = mean_0``: the criterion momentum of the paper's
-      reference code (NVlabs/Taylor_pruning, ``pruning_momentum``, 0.9 in its
-      configs).
-
-  Raises:
-    ValueError: ``average=True`` for an algorithm with ``skip_optimizer_step``
-      (every step of the window would become a step without an optimizer step);
-      ``momentum`` outside [0, 1), or non-zero without ``average=True``.
-  """
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"score_by_taylor: momentum={momentum!r} must be in [0, 1)")
-  if momentum and not average:
-    raise ValueError(
-      f"score_by_taylor: momentum={momentum!r} averages window means; it needs average=True"
-    )
-  if average and algorithm.skip_optimizer_step:
-    raise ValueError(
-      f"score_by_taylor(average=True): {algorithm.name} skips the optimizer step on its "
-      "mask-update steps (skip_optimizer_step=True), and averaging makes every step up to "
-      "its end_step an update step; use a gradual_magnitude/magnitude algorithm"
-    )
-  if not average:
-
-    def update(step, params, grads, masks, state):
-      return algorithm.update(step, taylor_unit_scores(params, grads, layers), grads, masks, state)
-
-    return algorithm._replace(update=update)
-
-  def init(params):
-    masks, state = algorithm.init(params)
-    total = {
-      lin: jnp.zeros(jnp.shape(_get(_to_dict(params), f"{lin}/kernel"))[-1:], jnp.float32)
-      for lin, _ in _chain(_to_dict(params), layers)
-    }
-    if not momentum:
-      return masks, TaylorAverageState(state, total, jnp.zeros([], jnp.int32))
-    zeros = jax.tree.map(jnp.zeros_like, total)
-    return masks, TaylorAverageState(
-      state, total, jnp.zeros([], jnp.int32), zeros, jnp.zeros([], jnp.int32)
-    )
-
-  end = algorithm.config.get("end_step")
-
-  def every_step(step):  # up to the schedule's last update, where one is known
-    yes = jnp.ones(jnp.shape(step), jnp.bool_)
-    return yes if end is None else yes & (jnp.asarray(step) <= end)
-
-  def update(step, params, grads, masks, state):
-    estimates = taylor_unit_estimates(params, grads, layers)
-    total = {k: v + jnp.square(estimates[k]) for k, v in state.total.items()}
-    batches = state.batches + 1
-
-    def decide(_):
-      mean = {k: v / batches.astype(jnp.float32) for k, v in total.items()}
-      averaged, decided = state.averaged, state.decided
-      if momentum:
-        first = decided == 0
-        mean = {
-          k: jnp.where(first, v, momentum * averaged[k] + (1.0 - momentum) * v)
-          for k, v in mean.items()
-        }
-        averaged, decided = mean, decided + 1
-      scored = unit_scores_as_kernels(params, jax.tree.map(jnp.sqrt, mean))
-      new, inner = algorithm.update(step, scored, grads, masks, state.inner)
-      zeros = jax.tree.map(jnp.zeros_like, total)
-      return new, TaylorAverageState(inner, zeros, jnp.zeros([], jnp.int32), averaged, decided)
-
-    def accumulate(_):
-      return masks, state._replace(total=total, batches=batches)
-
-    # The algorithm may return a scalar mask where it was given a full one (or the
-    # reverse): both branches return masks broadcast to the common shapes.
-    decided = jax.eval_shape(decide, None)[0]
-    shapes = jax.tree.map(lambda n, o: jnp.broadcast_shapes(n.shape, jnp.shape(o)), decided, masks)
-
-    def fit(branch):
-      def run(_):
-        new, st = branch(None)
-        return jax.tree.map(jnp.broadcast_to, new, shapes), st
-
-      return run
-
-    return jax.lax.cond(algorithm.is_update_step(step), fit(decide), fit(accumulate), None)
-
-  return algorithm._replace(init=init, is_update_step=every_step, update=update)
-
-
 # -------------------------------------------------------------------- indices
 
 
@@ -658,8 +371,8 @@ def index_from_kept(
   With :func:`restrict` this rebuilds a compacted state's shapes, e.g. the
   restore target of a checkpoint written after a compaction.
   """
-  params = _to_dict(params)
-  chain = _chain(params, layers)
+  params = to_dict(params)
+  chain = layer_chain(params, layers)
   names = {lin for lin, _ in chain}
   for name in kept:
     if name not in names:
@@ -668,7 +381,7 @@ def index_from_kept(
   params_axes, stats_axes = _current_axes(params, chain, kept)
   full = identity_index(params).full_shapes
   kept_all = {
-    lin: kept.get(lin, np.arange(np.shape(_get(params, lin)["kernel"])[-1])) for lin, _ in chain
+    lin: kept.get(lin, np.arange(np.shape(get_path(params, lin)["kernel"])[-1])) for lin, _ in chain
   }
   return UnitIndex(full, params_axes, stats_axes, kept_all)
 
@@ -678,7 +391,7 @@ def _current_axes(params, chain, kept: dict):
   params_axes, stats_axes = {}, {}
   prev = None  # (indices or None, current width, is conv)
   for i, (lin, bn) in enumerate(chain):
-    kernel = _get(params, lin)["kernel"]
+    kernel = get_path(params, lin)["kernel"]
     nd, n_out = np.ndim(kernel), np.shape(kernel)[-1]
     keep = np.asarray(kept.get(lin, np.arange(n_out)))
     out_idx = None if i == len(chain) - 1 or keep.size == n_out else keep
@@ -695,10 +408,10 @@ def _current_axes(params, chain, kept: dict):
     if any(a is not None for a in axes):
       params_axes[f"{lin}/kernel"] = tuple(axes)
     if out_idx is not None:
-      if "bias" in _get(params, lin):
+      if "bias" in get_path(params, lin):
         params_axes[f"{lin}/bias"] = (out_idx,)
       if bn is not None:
-        for k in _get(params, bn):
+        for k in get_path(params, bn):
           params_axes[f"{bn}/{k}"] = (out_idx,)
         for k in ("mean", "var"):
           stats_axes[f"{bn}/{k}"] = (out_idx,)
@@ -778,8 +491,8 @@ def compact_state(
       handle (naming the layer), and naming the layer whose removed units do not
       output exactly 0 (bias or BatchNorm not pruned with the unit).
   """
-  params = _to_dict(params)
-  batch_stats = _to_dict(batch_stats) if batch_stats else None
+  params = to_dict(params)
+  batch_stats = to_dict(batch_stats) if batch_stats else None
   if masks is None:
     masks = get_sparse_state(opt_state).masks
   out = compact(params, masks, batch_stats, layers=layers)
@@ -788,14 +501,14 @@ def compact_state(
       f"shrink: layer {name!r}: {note}. Prune each unit with its bias and BatchNorm "
       "parameters (jaxprune.shrink.tie_units) so that removed units output exactly 0"
     )
-  chain = _chain(params, layers)
+  chain = layer_chain(params, layers)
   params_axes, stats_axes = _current_axes(params, chain, out.kept)
   small = _restrict_by_path(params, params_axes)
   for (p, expected), got in zip(
     jax.tree_util.tree_flatten_with_path(out.params)[0], jax.tree.leaves(small)
   ):
     if not np.array_equal(np.asarray(expected), np.asarray(got)):
-      layer = "/".join(_keys(path_str(p))[:-1])
+      layer = path_str(p).rsplit("/", 1)[0]
       raise ValueError(
         f"shrink: layer {layer!r}: removing its pruned inputs changes {path_str(p)!r} "
         "(their constant output is not 0). Prune each unit with its bias and BatchNorm "

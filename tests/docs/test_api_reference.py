@@ -13,14 +13,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import mkdocs_hooks  # noqa: E402
 
-MODULES = ("jaxprune", "jaxprune.oneshot")
+MODULES = ("jaxprune", "jaxprune.oneshot", "jaxprune.shrink", "jaxprune.qat")
 
 
 def test_api_targets_cover_all_of_every_module():
   import jaxprune
   import jaxprune.oneshot
+  import jaxprune.qat
+  import jaxprune.shrink
 
-  for module, mod in zip(MODULES, (jaxprune, jaxprune.oneshot)):
+  for module, mod in zip(MODULES, (jaxprune, jaxprune.oneshot, jaxprune.shrink, jaxprune.qat)):
     names = [name for name, _ in mkdocs_hooks.api_targets(module)]
     assert names == list(mod.__all__)
   targets = dict(mkdocs_hooks.api_targets("jaxprune"))
