@@ -497,6 +497,53 @@ def shrink_targets() -> str:
   return _table(head, out)
 
 
+SHRINK_CONV_TARGETS = {
+  0.625: "shrink/fmnist_cnn_c625_conv_taylor_mean_sched05_35.jsonl",
+  0.75: "shrink/fmnist_cnn_c75_conv_taylor_mean_sched05_35.jsonl",
+}
+
+
+def shrink_conv_targets() -> str:
+  """fmnist_cnn, the convs shrunk with the averaged Taylor estimate (schedule 5%
+  to 35%) at each target, one row per target, medians [min, max] over seeds,
+  dense and shrink paired within each run."""
+  out = []
+  for target, name in SHRINK_CONV_TARGETS.items():
+    if not os.path.exists(os.path.join(RESULTS, name)):
+      continue
+    rows = _jsonl(name)
+    diff = [100 * (r["shrink_accuracy"] - r["dense_accuracy"]) for r in rows]
+    out.append(
+      [
+        f"{target:.1%}".replace(".0%", "%"),
+        _widths(rows),
+        ", ".join(str(r["seed"]) for r in rows),
+        _spread([100 * r["final_params_ratio"] for r in rows], "{:.1f}"),
+        _spread([100 * r["dense_accuracy"] for r in rows]),
+        _spread([100 * r["shrink_accuracy"] for r in rows]),
+        _spread(diff, "{:+.2f}"),
+        ", ".join(f"{d:+.2f}" for d in diff),
+        _spread([r["speedup_wall"] for r in rows]),
+        _spread([r["speedup_after_last_compaction"] for r in rows]),
+        _spread([r["ideal_speedup_flops"] for r in rows]),
+      ]
+    )
+  head = [
+    "target (convs)",
+    "widths after",
+    "seeds",
+    "final params (%)",
+    "dense acc (%)",
+    "shrink acc (%)",
+    "vs dense (points)",
+    "vs dense by seed",
+    "speedup_wall",
+    "step speedup after last compaction",
+    "ideal (FLOPs)",
+  ]
+  return _table(head, out)
+
+
 # ------------------------------------------------------------------ tables
 
 TABLES: dict[str, Callable[[], str]] = {
@@ -517,6 +564,7 @@ TABLES: dict[str, Callable[[], str]] = {
   "sr-ste-cnn": lambda: sr_ste("toolbox_sr_ste_fmnist_cnn.json"),
   "shrink-cnn": shrink_cnn,
   "shrink-cnn-targets": shrink_targets,
+  "shrink-cnn-conv-targets": shrink_conv_targets,
 }
 
 
