@@ -459,56 +459,17 @@ SHRINK_TARGETS = {
   0.9: "shrink/fmnist_cnn_c90.jsonl",
 }
 
-
-def shrink_targets() -> str:
-  """fmnist_cnn, every hidden layer shrunk to 50/75/90%, one row per target,
-  medians [min, max] over seeds, dense and shrink paired within each run."""
-  out = []
-  for target, name in SHRINK_TARGETS.items():
-    rows = _jsonl(name)
-    out.append(
-      [
-        f"{target:.0%}",
-        "-".join(str(w) for w in rows[0]["widths_after"]),
-        ", ".join(str(r["seed"]) for r in rows),
-        _spread([100 * r["final_params_ratio"] for r in rows], "{:.1f}"),
-        _spread([100 * r["dense_accuracy"] for r in rows]),
-        _spread([100 * r["shrink_accuracy"] for r in rows]),
-        _spread([100 * (r["shrink_accuracy"] - r["dense_accuracy"]) for r in rows], "{:+.2f}"),
-        _spread([r["speedup_wall"] for r in rows]),
-        _spread([r["speedup_after_last_compaction"] for r in rows]),
-        _spread([r["ideal_speedup_flops"] for r in rows]),
-        _spread([r["inference_speedup"] for r in rows]),
-      ]
-    )
-  head = [
-    "target",
-    "widths after",
-    "seeds",
-    "final params (%)",
-    "dense acc (%)",
-    "shrink acc (%)",
-    "vs dense (points)",
-    "speedup_wall",
-    "step speedup after last compaction",
-    "ideal (FLOPs)",
-    "inference speedup",
-  ]
-  return _table(head, out)
-
-
 SHRINK_CONV_TARGETS = {
   0.625: "shrink/fmnist_cnn_c625_conv_taylor_mean_sched05_35.jsonl",
   0.75: "shrink/fmnist_cnn_c75_conv_taylor_mean_sched05_35.jsonl",
 }
 
 
-def shrink_conv_targets() -> str:
-  """fmnist_cnn, the convs shrunk with the averaged Taylor estimate (schedule 5%
-  to 35%) at each target, one row per target, medians [min, max] over seeds,
-  dense and shrink paired within each run."""
+def shrink_targets(targets: dict, first: str = "target") -> str:
+  """One row per target of ``{target: JSONL}`` (fmnist_cnn runs of one recipe),
+  medians [min, max] over seeds, dense and shrink paired within each run."""
   out = []
-  for target, name in SHRINK_CONV_TARGETS.items():
+  for target, name in targets.items():
     if not os.path.exists(os.path.join(RESULTS, name)):
       continue
     rows = _jsonl(name)
@@ -526,10 +487,11 @@ def shrink_conv_targets() -> str:
         _spread([r["speedup_wall"] for r in rows]),
         _spread([r["speedup_after_last_compaction"] for r in rows]),
         _spread([r["ideal_speedup_flops"] for r in rows]),
+        _spread([r["inference_speedup"] for r in rows]),
       ]
     )
   head = [
-    "target (convs)",
+    first,
     "widths after",
     "seeds",
     "final params (%)",
@@ -540,6 +502,7 @@ def shrink_conv_targets() -> str:
     "speedup_wall",
     "step speedup after last compaction",
     "ideal (FLOPs)",
+    "inference speedup",
   ]
   return _table(head, out)
 
@@ -563,8 +526,8 @@ TABLES: dict[str, Callable[[], str]] = {
   "sr-ste-mlp": lambda: sr_ste("toolbox_sr_ste_fmnist_mlp.json"),
   "sr-ste-cnn": lambda: sr_ste("toolbox_sr_ste_fmnist_cnn.json"),
   "shrink-cnn": shrink_cnn,
-  "shrink-cnn-targets": shrink_targets,
-  "shrink-cnn-conv-targets": shrink_conv_targets,
+  "shrink-cnn-targets": lambda: shrink_targets(SHRINK_TARGETS),
+  "shrink-cnn-conv-targets": lambda: shrink_targets(SHRINK_CONV_TARGETS, "target (convs)"),
 }
 
 
