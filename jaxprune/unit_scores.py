@@ -80,7 +80,8 @@ def score_by_batchnorm_scale(
   followed by a BatchNorm by ``|gamma|`` (network slimming, Liu et al. 2017) and
   the other layers' units by their kernel's L2 norm as before. Only the scores
   change: the params, gradients, schedule and keep counts are the algorithm's.
-  Compose it inside :func:`~jaxprune.shrink.tie_units`: ``tie_units(score_by_batchnorm_scale(a))``.
+  Compose it inside :func:`~jaxprune.shrink.tie_units`:
+  ``tie_units(score_by_batchnorm_scale(a))``.
   """
 
   def init(params):
@@ -95,8 +96,8 @@ def score_by_batchnorm_scale(
 def taylor_unit_estimates(params, grads, layers: Optional[Sequence[str]] = None) -> dict:
   """``{layer path: T}``, the first-order Taylor estimate of every unit of every
   Dense/Conv layer: ``T_c = sum_theta theta * dL/dtheta`` over every parameter
-  that goes with unit ``c`` (:func:`~jaxprune.shrink.tie_units`): its kernel column, its bias, and
-  the scale and offset of the BatchNorm after it.
+  that goes with unit ``c`` (:func:`~jaxprune.shrink.tie_units`): its kernel
+  column, its bias, and the scale and offset of the BatchNorm after it.
 
   Removing the unit sets all of them to 0, so ``-T_c`` is the first-order
   estimate of the loss change (Molchanov et al. 2019, "Importance Estimation for
